@@ -1,0 +1,309 @@
+"""Typed training recipe: YAML file + dotted `key=value` overrides, validated before anything runs.
+
+Every mistake is reported with the dotted key and what is allowed, so a typo in a 200-line Slurm
+job fails in the first second instead of after the model has loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from raft_dist.errors import ConfigError
+
+
+def _range(minimum: float | None = None, maximum: float | None = None, **extra: Any) -> dict:
+    return {"min": minimum, "max": maximum, **extra}
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to fine-tune and how its weights are loaded."""
+
+    # Local folder, hub id, or a built-in random model: builtin:tiny-llama, builtin:tiny-gpt2.
+    name_or_path: str = "builtin:tiny-llama"
+    # Tokenizer folder or hub id; defaults to name_or_path.
+    tokenizer: str | None = None
+    # dtype the weights are loaded in; mixed precision is training.mixed_precision.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token batches."""
+
+    # A data set folder (manifest.json + train/ + eval/), a folder of .jsonl, a glob, or one file.
+    train: str | None = None
+    # Held-out examples; defaults to the eval/ split of a data set folder given as data.train.
+    eval: str | None = None
+    # auto detects raft / raft_paper / instruction / prompt_completion per record;
+    # text trains on plain .txt files (classic causal-LM fine-tuning, loss on every token).
+    format: Literal["auto", "text"] = "auto"
+    max_seq_len: int = field(default=512, metadata=_range(8))
+    # Examples longer than max_seq_len: truncate the answer's end, or drop the example (counted).
+    overlong: Literal["truncate", "drop"] = "truncate"
+    # Concatenate examples into full max_seq_len rows (fewer pad tokens, same loss masking).
+    packing: bool = False
+    # Skip malformed records (counted in the run summary) instead of stopping at the first one.
+    skip_invalid: bool = False
+    # New shard order every epoch (seeded); records inside a shard keep their order.
+    shuffle_shards: bool = True
+    # Write the id of every record each rank reads to <output.dir>/audit/ (data audits, tests).
+    record_audit: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation recipe: batch geometry, schedule, checkpoints."""
+
+    seed: int = 42
+    micro_batch_size: int = field(default=4, metadata=_range(1))
+    gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
+    # Optimizer steps to run; null trains for `epochs` full passes.
+    max_steps: int | None = field(default=None, metadata=_range(1))
+    # End this invocation after N more optimizer steps (with a checkpoint) while the schedule
+    # still targets max_steps: for jobs with a wall-time limit that resume later.
+    stop_after_steps: int | None = field(default=None, metadata=_range(1))
+    epochs: int = field(default=1, metadata=_range(1))
+    lr: float = field(default=2e-4, metadata=_range(0.0))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    warmup_steps: int = field(default=0, metadata=_range(0))
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Final LR as a fraction of lr for cosine/linear schedules.
+    min_lr_ratio: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    # 0 disables clipping.
+    max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
+    # auto keeps what the accelerate launch config says.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # Evaluate every N optimizer steps (0: only at the end); eval_batches caps each evaluation.
+    eval_every: int = field(default=0, metadata=_range(0))
+    eval_batches: int | None = field(default=None, metadata=_range(1))
+    # Checkpoint every N optimizer steps (0: never); keep the newest keep_last.
+    save_every: int = field(default=0, metadata=_range(0))
+    keep_last: int = field(default=2, metadata=_range(1))
+    # null, "latest" (newest checkpoint of output.dir) or a checkpoint folder.
+    resume: str | None = None
+    log_every: int = field(default=1, metadata=_range(1))
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft); only adapter weights train when enabled."""
+
+    enabled: bool = False
+    r: int = field(default=16, metadata=_range(1))
+    alpha: int = field(default=32, metadata=_range(1))
+    dropout: float = field(default=0.05, metadata=_range(0.0, 1.0))
+    target_modules: str | list[str] = "all-linear"
+    modules_to_save: list[str] = field(default_factory=list)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes quantization of the frozen base model (QLoRA)."""
+
+    mode: Literal["none", "4bit", "8bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes and what ends up in it."""
+
+    dir: str = "runs/raft"
+    save_final_model: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    tensorboard: bool = True
+    # Weights & Biases; runs in offline mode when WANDB_MODE is unset and there is no network.
+    wandb: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe; `configs/*.yaml` map onto it one section per field."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value)
+    recipe = _build(Recipe, raw, prefix="")
+    validate(recipe)
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "recipe"
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} in {where}; allowed: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value if value is not None else {}, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(key, hint, value, fields[name].metadata)
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Check one value against its type hint and range; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, option, value, meta)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[-1]
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of: {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        return [_coerce(f"{key}[{i}]", args[0], v, {}) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return value
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and value < low:
+        raise ConfigError(f"{key}: {value} is below the minimum {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value} is above the maximum {high}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    return "nothing (null)" if value is None else f"{value!r} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-field rules
+
+
+def validate(recipe: Recipe) -> None:
+    """Rules that involve more than one key; single-key rules live in the field metadata."""
+    if recipe.data.train is None:
+        raise ConfigError("data.train is required: a data set folder, a .jsonl file or a glob")
+    if recipe.training.warmup_steps and recipe.training.max_steps:
+        if recipe.training.warmup_steps >= recipe.training.max_steps:
+            raise ConfigError(
+                f"training.warmup_steps ({recipe.training.warmup_steps}) must be smaller than "
+                f"training.max_steps ({recipe.training.max_steps})"
+            )
+    if recipe.training.max_steps is None and (recipe.data.packing or recipe.data.format == "text"):
+        raise ConfigError(
+            "training.max_steps is required with data.packing=true or data.format=text: the "
+            "number of packed rows is only known after tokenizing the whole data set"
+        )
+    if recipe.lora.enabled or recipe.quantization.mode != "none":
+        raise ConfigError(
+            "lora.enabled / quantization.mode: LoRA and QLoRA are not available in this "
+            "version of raft-dist yet; set lora.enabled=false and quantization.mode=none"
+        )

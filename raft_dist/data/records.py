@@ -1,0 +1,406 @@
+"""RAFT record schema and JSONL readers.
+
+Every data problem surfaces as a `DataError` naming the file, the physical line and the reason,
+because a bad line deep inside a large dataset is otherwise very hard to find.
+
+Native RAFT JSONL schema (one JSON object per line; written by `to_json`)::
+
+    {
+      "id": str,                        # optional; defaults to "<file name>:<line>"
+      "question": str,                  # non-empty
+      "documents": [                    # non-empty list, in prompt order
+        {"title": str (optional), "text": str}, ...
+      ],
+      "oracle_index": int | null,       # index into documents; null when the oracle was left out
+      "oracle": str,                    # the oracle document text, always present; when
+                                        # oracle_index is an int it equals that document's text
+      "cot_answer": str,                # chain of thought ending in "<ANSWER>: ..."
+      "instruction": str,               # optional; the rendered prompt, kept for reference
+      "meta": object                    # optional; ignored
+    }
+
+Also read:
+
+* the RAFT paper's public format: ``id, type, question, context, oracle_context, cot_answer,
+  instruction`` where ``context`` is ``{"title": [[...]], "sentences": [[...]]}`` (each a list
+  holding one list) or the flat variant with plain lists of strings. There is no oracle flag: the
+  oracle is the first document whose stripped text equals the stripped ``oracle_context``, or
+  None when it was dropped. The paper's generator fills titles with "placeholder_title", which is
+  read as no title so it does not leak into prompts.
+* instruction/output: ``{"instruction", "output", "input"?, "id"?}``;
+* prompt/completion: ``{"prompt", "completion", "id"?}``.
+
+The last two become `Example`s directly; RAFT records become `Example`s through `to_example`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from raft_dist.data.prompts import ANSWER_TAG, extract_final_answer, render_prompt
+from raft_dist.errors import DataError
+
+Format = Literal["raft", "raft_paper", "instruction", "prompt_completion"]
+
+PAPER_PLACEHOLDER_TITLE = "placeholder_title"
+
+# Checked in order: the first format with any of its distinctive keys wins, so a record that
+# is missing a required field is still reported against the format it was meant to be.
+_FORMAT_KEYS: tuple[tuple[Format, tuple[str, ...]], ...] = (
+    ("raft", ("documents", "oracle_index")),
+    ("raft_paper", ("context", "oracle_context")),
+    ("prompt_completion", ("prompt", "completion")),
+    ("instruction", ("output", "instruction")),
+)
+_FORMAT_FIELDS: dict[Format, str] = {
+    "raft": "question, documents, oracle_index, oracle, cot_answer",
+    "raft_paper": "question, context, oracle_context, cot_answer",
+    "instruction": "instruction, output",
+    "prompt_completion": "prompt, completion",
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class RaftRecord:
+    id: str
+    question: str
+    documents: tuple[Document, ...]
+    oracle_index: int | None
+    oracle: str
+    cot_answer: str
+    instruction: str | None = None
+
+    @property
+    def answer(self) -> str | None:
+        """The final answer, which is what evaluation compares against."""
+        return extract_final_answer(self.cot_answer)
+
+
+@dataclass(frozen=True)
+class Example:
+    """What the training loop consumes: loss is taken on the completion only."""
+
+    id: str
+    prompt: str
+    completion: str
+
+
+# --------------------------------------------------------------------------- field validation
+
+
+def _type_name(value: object) -> str:
+    """JSON-flavoured names, since users think of their data in JSON terms."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    return type(value).__name__
+
+
+class _Fields:
+    """Typed access to one record's fields, raising DataErrors that point at the line."""
+
+    def __init__(self, obj: dict, path: object, line: int | None, fmt: Format) -> None:
+        self.obj = obj
+        self.path = path
+        self.line = line
+        self.fmt = fmt
+
+    def error(self, message: str) -> DataError:
+        return DataError(self.path, self.line, message)
+
+    def require(self, name: str) -> object:
+        if name not in self.obj:
+            raise self.error(f'missing required field "{name}" ({self.fmt} format)')
+        return self.obj[name]
+
+    def string(self, name: str, *, optional: bool = False, non_empty: bool = True) -> str | None:
+        if optional and self.obj.get(name) is None:
+            return None
+        value = self.require(name)
+        if not isinstance(value, str):
+            raise self.error(f'field "{name}" must be a string, got {_type_name(value)}')
+        if non_empty and not value.strip():
+            raise self.error(f'field "{name}" must not be empty')
+        return value
+
+    def record_id(self) -> str:
+        """Ids are optional; the file position is a stable, human-findable fallback."""
+        value = self.obj.get("id")
+        if value is None:
+            name = Path(str(self.path)).name
+            return f"{name}:{self.line}" if self.line is not None else name
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self.error(f'field "id" must be a string, got {_type_name(value)}')
+        return str(value)
+
+    def cot_answer(self) -> str:
+        value = self.string("cot_answer")
+        assert value is not None
+        if ANSWER_TAG not in value:
+            raise self.error(f'field "cot_answer" has no "{ANSWER_TAG}" final answer')
+        return value
+
+
+def _document(fields: _Fields, index: int, value: object) -> Document:
+    name = f"documents[{index}]"
+    if not isinstance(value, dict):
+        raise fields.error(f'field "{name}" must be an object, got {_type_name(value)}')
+    if "text" not in value:
+        raise fields.error(f'missing required field "{name}.text" (raft format)')
+    text, title = value["text"], value.get("title") or ""
+    if not isinstance(text, str):
+        raise fields.error(f'field "{name}.text" must be a string, got {_type_name(text)}')
+    if not isinstance(title, str):
+        raise fields.error(f'field "{name}.title" must be a string, got {_type_name(title)}')
+    return Document(text=text, title=title)
+
+
+def _oracle_index(fields: _Fields, n_documents: int) -> int | None:
+    value = fields.require("oracle_index")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fields.error(
+            f'field "oracle_index" must be an integer or null, got {_type_name(value)}'
+        )
+    if not 0 <= value < n_documents:
+        raise fields.error(
+            f'field "oracle_index" is {value}, out of range for {n_documents} documents'
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _parse_raft(fields: _Fields) -> RaftRecord:
+    question = fields.string("question")
+    raw_docs = fields.require("documents")
+    if not isinstance(raw_docs, list):
+        raise fields.error(f'field "documents" must be a list, got {_type_name(raw_docs)}')
+    if not raw_docs:
+        raise fields.error('field "documents" must not be empty')
+    documents = tuple(_document(fields, i, doc) for i, doc in enumerate(raw_docs))
+    oracle_index = _oracle_index(fields, len(documents))
+    oracle = fields.string("oracle", non_empty=False)
+    assert question is not None and oracle is not None
+    if oracle_index is not None and documents[oracle_index].text.strip() != oracle.strip():
+        raise fields.error(f'field "oracle" does not match documents[{oracle_index}].text')
+    return RaftRecord(
+        id=fields.record_id(),
+        question=question,
+        documents=documents,
+        oracle_index=oracle_index,
+        oracle=oracle,
+        cot_answer=fields.cot_answer(),
+        instruction=fields.string("instruction", optional=True, non_empty=False),
+    )
+
+
+def _string_list(fields: _Fields, name: str, value: object) -> list[str]:
+    """Accept the paper's list-holding-one-list shape and the flat list of strings."""
+    if not isinstance(value, list):
+        raise fields.error(f'field "{name}" must be a list, got {_type_name(value)}')
+    if value and all(isinstance(item, list) for item in value):
+        if len(value) != 1:
+            raise fields.error(f'field "{name}" must hold one list, got {len(value)} lists')
+        value = value[0]
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise fields.error(f'field "{name}[{i}]" must be a string, got {_type_name(item)}')
+    return list(value)
+
+
+def _paper_documents(fields: _Fields) -> tuple[Document, ...]:
+    context = fields.require("context")
+    if not isinstance(context, dict):
+        raise fields.error(f'field "context" must be an object, got {_type_name(context)}')
+    if "sentences" not in context:
+        raise fields.error('missing required field "context.sentences" (raft_paper format)')
+    texts = _string_list(fields, "context.sentences", context["sentences"])
+    if not texts:
+        raise fields.error('field "context.sentences" must not be empty')
+    titles = _string_list(fields, "context.title", context.get("title") or [])
+    if titles and len(titles) != len(texts):
+        raise fields.error(
+            f'field "context.title" has {len(titles)} titles for {len(texts)} sentences'
+        )
+    titles = [t if t != PAPER_PLACEHOLDER_TITLE else "" for t in titles] or [""] * len(texts)
+    return tuple(
+        Document(text=text, title=title) for text, title in zip(texts, titles, strict=True)
+    )
+
+
+def _parse_paper(fields: _Fields) -> RaftRecord:
+    question = fields.string("question")
+    documents = _paper_documents(fields)
+    oracle = fields.string("oracle_context", non_empty=False)
+    assert question is not None and oracle is not None
+    target = oracle.strip()
+    oracle_index = next((i for i, d in enumerate(documents) if d.text.strip() == target), None)
+    return RaftRecord(
+        id=fields.record_id(),
+        question=question,
+        documents=documents,
+        oracle_index=oracle_index,
+        oracle=oracle,
+        cot_answer=fields.cot_answer(),
+        instruction=fields.string("instruction", optional=True, non_empty=False),
+    )
+
+
+def _parse_instruction(fields: _Fields) -> Example:
+    instruction = fields.string("instruction")
+    output = fields.string("output")
+    extra = fields.string("input", optional=True, non_empty=False)
+    assert instruction is not None and output is not None
+    prompt = instruction + (f"\n\n{extra}" if extra else "") + "\n"
+    return Example(id=fields.record_id(), prompt=prompt, completion=output)
+
+
+def _parse_prompt_completion(fields: _Fields) -> Example:
+    prompt = fields.string("prompt")
+    completion = fields.string("completion")
+    assert prompt is not None and completion is not None
+    return Example(id=fields.record_id(), prompt=prompt, completion=completion)
+
+
+_PARSERS = {
+    "raft": _parse_raft,
+    "raft_paper": _parse_paper,
+    "instruction": _parse_instruction,
+    "prompt_completion": _parse_prompt_completion,
+}
+
+
+def detect_format(obj: dict, path: object = "<record>", line: int | None = None) -> Format:
+    """Pick the format from distinctive keys, so one file may mix shapes without a flag."""
+    for fmt, keys in _FORMAT_KEYS:
+        if any(key in obj for key in keys):
+            return fmt
+    found = ", ".join(sorted(map(str, obj))[:12]) or "none"
+    expected = "; ".join(f"{fmt} ({fields})" for fmt, fields in _FORMAT_FIELDS.items())
+    raise DataError(path, line, f"unknown record format: found keys [{found}]; expected {expected}")
+
+
+def parse_record(obj: object, path: object, line: int | None) -> RaftRecord | Example:
+    """Validate one decoded JSON value; errors name the field, the expected and the found type."""
+    if not isinstance(obj, dict):
+        raise DataError(path, line, f"record must be a JSON object, got {_type_name(obj)}")
+    fmt = detect_format(obj, path, line)
+    return _PARSERS[fmt](_Fields(obj, path, line, fmt))
+
+
+def to_example(rec: RaftRecord | Example) -> Example:
+    """The prompt comes from the shared template, never from a stored instruction, so training
+    matches what evaluation and `ask` will show the model."""
+    if isinstance(rec, Example):
+        return rec
+    return Example(
+        id=rec.id, prompt=render_prompt(rec.question, rec.documents), completion=rec.cot_answer
+    )
+
+
+def to_json(record: RaftRecord | Example) -> dict:
+    """Native schema for RAFT records (prompt/completion for Examples); round-trips through
+    `parse_record`."""
+    if isinstance(record, Example):
+        return {"id": record.id, "prompt": record.prompt, "completion": record.completion}
+    documents = [
+        {"title": d.title, "text": d.text} if d.title else {"text": d.text}
+        for d in record.documents
+    ]
+    instruction = record.instruction
+    if instruction is None:
+        instruction = render_prompt(record.question, record.documents)
+    return {
+        "id": record.id,
+        "question": record.question,
+        "documents": documents,
+        "oracle_index": record.oracle_index,
+        "oracle": record.oracle,
+        "cot_answer": record.cot_answer,
+        "instruction": instruction,
+    }
+
+
+# --------------------------------------------------------------------------- JSONL reading
+
+
+def _iter_lines(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, bytes]]:
+    """Raw non-blank lines after `start_line`, read in binary so memory stays constant and bad
+    bytes are reported per line instead of failing the whole file."""
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number <= start_line:
+                    continue
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if raw.strip():
+                    yield number, raw
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from exc
+
+
+def decode_line(path: str | Path, line: int, raw: bytes) -> object:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            path, line, f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
+        ) from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, line, f"malformed JSON: {exc.msg} (column {exc.colno})") from exc
+    except RecursionError as exc:
+        raise DataError(path, line, "malformed JSON: nested too deeply") from exc
+
+
+def iter_jsonl(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, object]]:
+    """(physical 1-based line number, JSON value) for each non-blank line after `start_line`."""
+    for line, raw in _iter_lines(path, start_line):
+        yield line, decode_line(path, line, raw)
+
+
+def iter_records(
+    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
+) -> Iterator[tuple[int, RaftRecord | Example]]:
+    """Parsed records; with `skip_invalid`, bad lines are counted rather than fatal, but an
+    unreadable file still raises since skipping it would silently train on nothing."""
+    counter = counter if counter is not None else {}
+    counter.setdefault("skipped", 0)
+    for line, raw in _iter_lines(path):
+        try:
+            record = parse_record(decode_line(path, line, raw), path, line)
+        except DataError as exc:
+            if not skip_invalid:
+                raise
+            counter["skipped"] += 1
+            if counter.get("first_error") is None:
+                counter["first_error"] = str(exc)
+            continue
+        yield line, record
+
+
+def iter_examples(
+    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
+) -> Iterator[tuple[int, Example]]:
+    """Training examples from any supported format, with the same skipping rules as
+    `iter_records`."""
+    for line, record in iter_records(path, skip_invalid=skip_invalid, counter=counter):
+        yield line, to_example(record)

@@ -1,0 +1,243 @@
+"""Per-rank streaming of counted shards into token batches, with a resumable position.
+
+Sharding rule (one mechanism, nowhere else): the epoch's shards are concatenated in a seeded
+order and rank r owns the contiguous record range [N*r/W, N*(r+1)/W). Ranges are disjoint and
+cover every record exactly once whatever the shard count; a rank reads only its own range. A
+rank's position is (epoch, records consumed, packing buffer), so it fits in a small JSON file
+and resuming skips lines without tokenizing them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from raft_dist.data.batching import Batch, collate, pack_rows
+from raft_dist.data.records import decode_line, parse_record, to_example
+from raft_dist.data.sources import Shard
+from raft_dist.data.tokenize import IGNORE_INDEX, LengthStats, encode_example, encode_text_line
+from raft_dist.errors import DataError
+
+
+def rank_range(total: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Contiguous, disjoint, balanced to within one record."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def epoch_order(shards: list[Shard], epoch: int, seed: int, shuffle: bool) -> list[Shard]:
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+@dataclass
+class RawRecord:
+    path: Path
+    line: int
+    raw: bytes
+
+
+def iter_range(
+    shards: list[Shard], start: int, end: int, *, text: bool
+) -> Iterator[RawRecord]:
+    """Records start..end-1 of the concatenated shards, reading only the files that overlap."""
+    offset = 0
+    for shard in shards:
+        if offset >= end:
+            return
+        if offset + shard.records <= start:
+            offset += shard.records
+            continue
+        index = offset
+        with shard.path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if not text and not raw.strip():
+                    continue
+                if index >= end:
+                    break
+                if index >= start:
+                    yield RawRecord(shard.path, number, raw)
+                index += 1
+        if index < min(end, offset + shard.records):
+            raise DataError(shard.path, None, "the shard shrank while it was being read")
+        offset += shard.records
+
+
+@dataclass
+class StreamState:
+    """Everything needed to continue a rank's stream exactly where it stopped."""
+
+    epoch: int = 0
+    consumed: int = 0
+    buffer_ids: list[int] = field(default_factory=list)
+    buffer_labels: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StreamSettings:
+    max_seq_len: int
+    micro_batch_size: int
+    text: bool = False
+    packing: bool = False
+    overlong: Literal["truncate", "drop"] = "truncate"
+    skip_invalid: bool = False
+    shuffle_shards: bool = False
+    seed: int = 0
+
+
+class RankStream:
+    """The batches of one rank, epoch by epoch; `next_batch` returns None when its range ends."""
+
+    def __init__(
+        self,
+        shards: list[Shard],
+        tokenizer: Any,
+        settings: StreamSettings,
+        *,
+        rank: int,
+        world_size: int,
+        seen_ids: list[str] | None = None,
+    ) -> None:
+        self.shards = shards
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.rank = rank
+        self.world_size = world_size
+        self.total = sum(s.records for s in shards)
+        self.state = StreamState()
+        self.lengths = LengthStats()
+        self.skipped = 0
+        self.seen_ids = seen_ids
+        self._examples: Iterator[tuple[list[int], list[int]]] | None = None
+
+    # -- position ---------------------------------------------------------------------------
+
+    @property
+    def range(self) -> tuple[int, int]:
+        return rank_range(self.total, self.world_size, self.rank)
+
+    @property
+    def shard_count(self) -> int:
+        """Shards this rank reads in the current epoch (for the run card)."""
+        start, end = self.range
+        offset, count = 0, 0
+        for shard in epoch_order(self.shards, self.state.epoch, self.settings.seed, False):
+            if offset < end and offset + shard.records > start:
+                count += 1
+            offset += shard.records
+        return count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "total_records": self.total,
+            "epoch": self.state.epoch,
+            "consumed": self.state.consumed,
+            "buffer_ids": list(self.state.buffer_ids),
+            "buffer_labels": list(self.state.buffer_labels),
+            "lengths": self.lengths.as_dict(),
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.world_size or state["total_records"] != self.total:
+            raise DataError(
+                "checkpoint",
+                None,
+                f"the data position was saved with {state['world_size']} ranks over "
+                f"{state['total_records']} records; this run has {self.world_size} ranks over "
+                f"{self.total} records. Resume with the same world size and data.",
+            )
+        self.state = StreamState(
+            epoch=state["epoch"],
+            consumed=state["consumed"],
+            buffer_ids=list(state["buffer_ids"]),
+            buffer_labels=list(state["buffer_labels"]),
+        )
+        self.lengths = LengthStats(**state["lengths"])
+        self.skipped = state["skipped"]
+        self._examples = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.state = StreamState(epoch=epoch)
+        self._examples = None
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _raw_records(self) -> Iterator[RawRecord]:
+        start, end = self.range
+        order = epoch_order(
+            self.shards, self.state.epoch, self.settings.seed, self.settings.shuffle_shards
+        )
+        yield from iter_range(order, start + self.state.consumed, end, text=self.settings.text)
+
+    def _tokenized(self) -> Iterator[tuple[list[int], list[int]]]:
+        """(input_ids, labels) per record; `consumed` advances as each record is read."""
+        for record in self._raw_records():
+            self.state.consumed += 1
+            if self.settings.text:
+                # EOS between files, but not before the first line of the rank's range.
+                new_document = record.line == 1 and self.state.consumed > 1
+                line = record.raw.decode("utf-8", errors="strict") if record.raw else ""
+                ids = encode_text_line(self.tokenizer, line, new_document=new_document)
+                yield ids, list(ids)
+                continue
+            try:
+                parsed = parse_record(decode_line(record.path, record.line, record.raw),
+                                      record.path, record.line)
+            except DataError:
+                if not self.settings.skip_invalid:
+                    raise
+                self.skipped += 1
+                continue
+            example = to_example(parsed)
+            if self.seen_ids is not None:
+                self.seen_ids.append(example.id)
+            encoded = encode_example(
+                self.tokenizer,
+                example.prompt,
+                example.completion,
+                max_len=self.settings.max_seq_len,
+                overlong=self.settings.overlong,
+                stats=self.lengths,
+            )
+            if encoded is not None:
+                yield encoded.input_ids, encoded.labels
+
+    def next_batch(self) -> Batch | None:
+        if self._examples is None:
+            self._examples = self._tokenized()
+        settings = self.settings
+        if settings.packing or settings.text:
+            rows = pack_rows(
+                self._examples,
+                self.state.buffer_ids,
+                self.state.buffer_labels,
+                row_len=settings.max_seq_len,
+                rows=settings.micro_batch_size,
+            )
+        else:
+            rows = []
+            for ids, labels in self._examples:
+                rows.append((ids, labels))
+                if len(rows) == settings.micro_batch_size:
+                    break
+        if not rows:
+            return None
+        return collate(rows, pad_id=pad_token_id(self.tokenizer))
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def padding_batch(tokenizer: Any) -> Batch:
+    """A zero-weight batch (no target token) for a rank whose range ended before the others'."""
+    return collate([([pad_token_id(tokenizer)] * 2, [IGNORE_INDEX] * 2)], pad_id=0)

@@ -1,0 +1,64 @@
+"""Prompt/completion -> token ids with the loss mask, under an explicit overlong policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class LengthStats:
+    """What the overlong policy did; reported in the run summary so nothing is dropped silently."""
+
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"examples": self.examples, "truncated": self.truncated, "dropped": self.dropped}
+
+
+def encode_example(
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    *,
+    max_len: int,
+    overlong: Literal["truncate", "drop"],
+    stats: LengthStats,
+) -> Tokenized | None:
+    """Mask the prompt (-100) so the loss is on the answer; end the answer with EOS.
+
+    Truncation cuts the answer's end. An example whose prompt alone fills max_len keeps no
+    target token and is dropped under either policy (and counted).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    if len(ids) > max_len:
+        if overlong == "drop" or len(prompt_ids) >= max_len:
+            stats.dropped += 1
+            return None
+        ids, labels = ids[:max_len], labels[:max_len]
+        stats.truncated += 1
+    stats.examples += 1
+    return Tokenized(ids, labels)
+
+
+def encode_text_line(tokenizer: Any, line: str, *, new_document: bool) -> list[int]:
+    """Plain-text fine-tuning: every token is a target; documents are joined by EOS."""
+    ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+    if new_document and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id] + ids
+    return ids

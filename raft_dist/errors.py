@@ -1,0 +1,24 @@
+"""User-facing errors: the CLI prints these as one clear line and exits non-zero, no traceback."""
+
+from __future__ import annotations
+
+
+class RaftDistError(Exception):
+    """A mistake in the user's input (config, data, options) rather than a bug in raft-dist."""
+
+    exit_code = 2
+
+
+class ConfigError(RaftDistError):
+    """A recipe key is unknown, mistyped or out of range; the message names the key."""
+
+
+class DataError(RaftDistError):
+    """A data file is unreadable or a record is malformed; the message names file and line."""
+
+    def __init__(self, path: object, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.reason = message
+        where = f"{self.path}:{line}" if line is not None else self.path
+        super().__init__(f"{where}: {message}")

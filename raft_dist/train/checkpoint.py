@@ -1,0 +1,106 @@
+"""Crash-safe checkpoints: Accelerate state + every rank's own data position.
+
+A checkpoint is written into a hidden temporary folder and renamed into place only after all
+ranks finished writing, so a kill at any moment leaves the previous checkpoint untouched;
+`find_latest` only ever sees complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from raft_dist.errors import ConfigError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+def data_state_file(checkpoint: Path, name: str, rank: int) -> Path:
+    return checkpoint / f"data_{name}_rank{rank}.json"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_latest(root: Path) -> Path | None:
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1] if checkpoints else None
+
+
+def resolve_resume(resume: str | None, root: Path) -> Path | None:
+    """`latest` with no checkpoint yet starts fresh (a requeued job's first run)."""
+    if resume is None:
+        if list_checkpoints(root):
+            raise ConfigError(
+                f"output.dir already holds checkpoints in {root}; pass training.resume=latest to "
+                "continue that run, or choose another output.dir"
+            )
+        return None
+    if resume == "latest":
+        return find_latest(root)
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise ConfigError(f"training.resume: {resume} is not a complete raft-dist checkpoint")
+    return path
+
+
+def save_checkpoint(
+    accelerator: Any,
+    root: Path,
+    step: int,
+    streams: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rank = accelerator.process_index
+    for name, stream in streams.items():
+        write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path, streams: dict[str, Any]) -> dict[str, Any]:
+    accelerator.load_state(str(path))
+    rank = accelerator.process_index
+    for name, stream in streams.items():
+        state_file = data_state_file(path, name, rank)
+        if not state_file.is_file():
+            raise ConfigError(
+                f"training.resume: {path} has no data position for rank {rank}; it was written "
+                "by a run with fewer processes. Resume with the same world size."
+            )
+        stream.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))

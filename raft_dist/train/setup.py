@@ -1,0 +1,114 @@
+"""Accelerator construction and the live-setup facts the run card and the guards are built from.
+
+Facts come from the live Accelerator and torch.distributed, never from the config: the point is
+to catch launches that silently became something else (one process instead of two, DeepSpeed
+dropped by a CPU flag).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from raft_dist.config import Recipe
+from raft_dist.errors import ConfigError
+
+# Set by `raft-dist launch` from the profile it launched; checked by every rank at start.
+EXPECT_WORLD_SIZE = "RAFT_DIST_EXPECT_WORLD_SIZE"
+EXPECT_ENGINE = "RAFT_DIST_EXPECT_ENGINE"
+EXPECT_ZERO_STAGE = "RAFT_DIST_EXPECT_ZERO_STAGE"
+
+
+def on_cpu() -> bool:
+    import torch
+
+    forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return forced or not torch.cuda.is_available()
+
+
+def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if on_cpu():
+        # DeepSpeed and DDP on CPU both need gloo; without it Accelerate and DeepSpeed can
+        # disagree about the world size.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    trackers: list[str] = []
+    if recipe.logging.tensorboard:
+        trackers.append("tensorboard")
+    if recipe.logging.wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        trackers.append("wandb")
+    mixed = recipe.training.mixed_precision
+    return Accelerator(
+        gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
+        mixed_precision=None if mixed == "auto" else mixed,
+        log_with=trackers or None,
+        project_dir=project_dir,
+        kwargs_handlers=handlers,
+    )
+
+
+@dataclass
+class LiveSetup:
+    world_size: int
+    rank: int
+    num_machines: int
+    engine: str  # single | ddp | deepspeed
+    distributed_type: str
+    backend: str | None
+    zero_stage: int | None
+    mixed_precision: str
+    device: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def live_setup(accelerator: Any) -> LiveSetup:
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    dtype = accelerator.distributed_type
+    if dtype == DistributedType.DEEPSPEED:
+        engine = "deepspeed"
+    elif accelerator.num_processes > 1:
+        engine = "ddp"
+    else:
+        engine = "single"
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", 1)))
+    return LiveSetup(
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        num_machines=max(1, machines),
+        engine=engine,
+        distributed_type=str(dtype.value if hasattr(dtype, "value") else dtype),
+        backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        zero_stage=plugin.zero_stage if plugin is not None else None,
+        mixed_precision=str(accelerator.mixed_precision),
+        device=str(accelerator.device),
+    )
+
+
+def check_expectations(live: LiveSetup) -> None:
+    """Refuse to train when the launch asked for something the processes did not get."""
+    problems = []
+    want_world = os.environ.get(EXPECT_WORLD_SIZE)
+    if want_world and int(want_world) != live.world_size:
+        problems.append(f"world size {live.world_size}, but the launch asked for {want_world}")
+    want_engine = os.environ.get(EXPECT_ENGINE)
+    if want_engine and want_engine != live.engine:
+        problems.append(f"engine {live.engine}, but the launch asked for {want_engine}")
+    want_stage = os.environ.get(EXPECT_ZERO_STAGE)
+    if want_stage and str(live.zero_stage) != want_stage:
+        problems.append(f"ZeRO stage {live.zero_stage}, but the launch asked for {want_stage}")
+    if problems:
+        raise ConfigError(
+            "the live setup contradicts the launch: " + "; ".join(problems)
+            + ". Check the accelerate config (DESIGN pitfalls: use_cpu/--cpu with a DeepSpeed "
+            "profile drops DeepSpeed; a MULTI_CPU profile without mpirun runs one process)."
+        )
