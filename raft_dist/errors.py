@@ -22,3 +22,11 @@ class DataError(RaftDistError):
         self.reason = message
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {message}")
+
+    @classmethod
+    def relayed(cls, message: str) -> DataError:
+        """Re-raise on every rank a message that one rank produced (it already names file:line)."""
+        error = cls.__new__(cls)
+        Exception.__init__(error, message)
+        error.path, error.line, error.reason = "", None, message
+        return error

@@ -169,6 +169,25 @@ class RankStream:
 
     # -- reading ----------------------------------------------------------------------------
 
+    def first_error(self) -> str | None:
+        """Parse (not tokenize) this rank's whole range, so that a bad line stops every rank
+        before the first step instead of one rank dying mid-epoch while the others wait."""
+        start, end = self.range
+        for record in iter_range(self.shards, start, end, text=self.settings.text):
+            try:
+                if self.settings.text:
+                    try:
+                        record.raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise DataError(record.path, record.line, f"invalid UTF-8: {exc.reason}")
+                else:
+                    parse_record(decode_line(record.path, record.line, record.raw),
+                                 record.path, record.line)
+            except DataError as exc:
+                if not self.settings.skip_invalid:
+                    return str(exc)
+        return None
+
     def _raw_records(self) -> Iterator[RawRecord]:
         start, end = self.range
         order = epoch_order(

@@ -32,7 +32,7 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = []
-    if on_cpu():
+    if on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed and DDP on CPU both need gloo; without it Accelerate and DeepSpeed can
         # disagree about the world size.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -1,0 +1,15 @@
+"""Entry script that `accelerate launch` runs on every rank.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml launch/train.py \
+        --config configs/tiny.yaml training.max_steps=10
+
+Thin on purpose: parsing and training live in raft_dist so the script works the same from a
+checkout and from an installed package.
+"""
+
+import sys
+
+from raft_dist.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

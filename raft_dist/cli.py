@@ -1,0 +1,109 @@
+"""The `raft-dist` command line. Heavy libraries are imported inside commands, never at the top:
+`raft-dist --help` must stay instant (a test checks that torch is not imported)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from raft_dist import __version__
+from raft_dist.errors import RaftDistError
+
+RECIPE_HELP = "Training recipe (YAML), e.g. configs/tiny.yaml."
+OVERRIDES_HELP = "Recipe overrides as section.key=value, e.g. training.max_steps=100."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="raft-dist")
+def cli() -> None:
+    """RAFT fine-tuning of causal language models, from a laptop CPU to a Slurm cluster.
+
+    \b
+    Quick start (CPU, 2 processes):
+      raft-dist launch --profile cpu --config configs/tiny.yaml
+    One process, no launcher:
+      raft-dist train --config configs/tiny.yaml training.max_steps=20
+    """
+
+
+@cli.command()
+@click.option("--config", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help=RECIPE_HELP)
+@click.argument("overrides", nargs=-1)
+def train(recipe_path: str, overrides: tuple[str, ...]) -> None:
+    """Train in this process (alone, or as one rank started by `accelerate launch`).
+
+    \b
+    Examples:
+      raft-dist train --config configs/tiny.yaml output.dir=runs/try training.seed=7
+      raft-dist train --config configs/tiny.yaml training.resume=latest
+    """
+    from raft_dist.config import load_recipe
+    from raft_dist.train.loop import train as run_training
+
+    recipe = load_recipe(recipe_path, overrides)
+    run_training(recipe)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--profile", default="cpu", show_default=True,
+              help="Launch profile: a name from accelerate_configs/ (cpu, single_gpu, multi_gpu, "
+                   "multi_node, ...) or a path to any accelerate config file.")
+@click.option("--config", "recipe_path", required=True, type=click.Path(dir_okay=False),
+              help=RECIPE_HELP)
+@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and the exact command, "
+                                              "run nothing.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...]) -> None:
+    """Start `accelerate launch` with a profile and a recipe.
+
+    ARGS are recipe overrides (section.key=value) and any other `accelerate launch` options,
+    which are passed through (e.g. --num_processes 4 --machine_rank 1).
+
+    \b
+    Examples:
+      raft-dist launch --profile cpu --config configs/tiny.yaml training.max_steps=50
+      raft-dist launch --profile multi_gpu --config configs/demo.yaml --num_processes 8
+      raft-dist launch --profile multi_node --config r.yaml --machine_rank 1 \\
+          --main_process_ip 10.0.0.1
+    """
+    from raft_dist.config import load_recipe
+    from raft_dist.data.validate import preflight
+    from raft_dist.launcher import describe, plan_launch, run, split_args
+
+    overrides, accelerate_args = split_args(list(args))
+    recipe = load_recipe(recipe_path, overrides)
+    plan = plan_launch(profile, recipe_path, overrides, accelerate_args)
+    if dry_run:
+        click.echo("# resolved recipe")
+        click.echo(recipe.to_yaml())
+        click.echo("# command")
+        click.echo(describe(plan))
+        return
+    counts = preflight(recipe)
+    click.echo(f"data ok: {counts}", err=True)
+    click.echo(f"+ {describe(plan)}", err=True)
+    code = run(plan)
+    if code != 0:
+        raise RaftDistError(f"training exited with code {code} (see the messages above)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user mistakes become one `error:` line and exit code 2."""
+    try:
+        result = cli.main(args=argv, prog_name="raft-dist", standalone_mode=False)
+    except RaftDistError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The run card: what is really running, printed by the main process before the first step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raft_dist.config import Recipe
+from raft_dist.train.setup import LiveSetup
+
+
+def render_run_card(
+    recipe: Recipe,
+    live: LiveSetup,
+    *,
+    model: Any,
+    shards_per_rank: list[int],
+    records: int,
+    total_steps: int,
+    resume_from: Path | None,
+    start_step: int,
+) -> str:
+    t = recipe.training
+    effective = t.micro_batch_size * t.gradient_accumulation_steps * live.world_size
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine = live.engine + (f" (ZeRO-{live.zero_stage})" if live.zero_stage is not None else "")
+    rows = [
+        ("world size", f"{live.world_size} process(es) on {live.num_machines} machine(s)"),
+        ("engine", f"{engine}, backend {live.backend or 'none'}, device {live.device}"),
+        ("precision", f"weights {recipe.model.dtype}, mixed precision {live.mixed_precision}"),
+        ("quantization", recipe.quantization.mode),
+        ("LoRA", f"r={recipe.lora.r}" if recipe.lora.enabled else "off"),
+        ("model", f"{recipe.model.name_or_path}: {params:,} params, {trainable:,} trainable"),
+        (
+            "batch",
+            f"micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world "
+            f"{live.world_size} = {effective} examples per optimizer step",
+        ),
+        ("tokens/step", f"up to {effective * recipe.data.max_seq_len:,} "
+                        f"(max_seq_len {recipe.data.max_seq_len})"),
+        ("data", f"{records:,} train records; shards per rank {shards_per_rank}"),
+        ("schedule", f"{total_steps} optimizer steps, {t.lr_schedule} lr {t.lr:g}, "
+                     f"warmup {t.warmup_steps}"),
+        ("resume", f"{resume_from} (step {start_step})" if resume_from else "fresh start"),
+        ("output", recipe.output.dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["=" * 72, "raft-dist run card"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["=" * 72]
+    return "\n".join(lines)
