@@ -71,6 +71,7 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
     from raft_dist.config import load_recipe
     from raft_dist.data.validate import preflight
     from raft_dist.launcher import describe, plan_launch, run, split_args
+    from raft_dist.model import resolve_pretrained
 
     overrides, accelerate_args = split_args(list(args))
     recipe = load_recipe(recipe_path, overrides)
@@ -82,6 +83,7 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
         click.echo(describe(plan))
         return
     counts = preflight(recipe)
+    resolve_pretrained(recipe.model.name_or_path)  # convert the bundled model once, not per rank
     click.echo(f"data ok: {counts}", err=True)
     click.echo(f"+ {describe(plan)}", err=True)
     code = run(plan)

@@ -84,6 +84,8 @@ class TrainingConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Evaluate every N optimizer steps (0: only at the end); eval_batches caps each evaluation.
     eval_every: int = field(default=0, metadata=_range(0))
+    # Also evaluate before the first step, to see what training changed.
+    eval_at_start: bool = False
     eval_batches: int | None = field(default=None, metadata=_range(1))
     # Checkpoint every N optimizer steps (0: never); keep the newest keep_last.
     save_every: int = field(default=0, metadata=_range(0))
@@ -264,6 +266,7 @@ def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> 
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
     elif hint is float:
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
         value = float(value)
@@ -276,6 +279,16 @@ def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> 
         raise ConfigError(f"{key}: {value} is below the minimum {low}")
     if high is not None and value > high:
         raise ConfigError(f"{key}: {value} is above the maximum {high}")
+    return value
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 

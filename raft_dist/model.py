@@ -49,22 +49,36 @@ def _torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+BUNDLED_PRETRAINED = "smollm2"
+
+
 def builtin_name(name_or_path: str) -> str | None:
+    """The tiny architecture named by a `builtin:` id (None for anything else)."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return None
     name = name_or_path[len(BUILTIN_PREFIX) :]
+    if name == BUNDLED_PRETRAINED:
+        return None
     if name not in TINY_ARCHITECTURES:
-        allowed = ", ".join(BUILTIN_PREFIX + n for n in TINY_ARCHITECTURES)
+        allowed = ", ".join(BUILTIN_PREFIX + n for n in [*TINY_ARCHITECTURES, BUNDLED_PRETRAINED])
         raise ConfigError(f"model.name_or_path: unknown built-in {name_or_path!r}; allowed: {allowed}")
     return name
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """`builtin:smollm2` becomes the converted bundled model folder; other ids pass through."""
+    if name_or_path == BUILTIN_PREFIX + BUNDLED_PRETRAINED:
+        from raft_dist.bundled import bundled_model_dir
+
+        return str(bundled_model_dir())
+    return name_or_path
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
-    if builtin_name(source) is not None:
-        source = str(TINY_TOKENIZER)
+    source = str(TINY_TOKENIZER) if builtin_name(source) is not None else resolve_pretrained(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -94,7 +108,7 @@ def load_model(cfg: ModelConfig, tokenizer: Any) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            resolve_pretrained(cfg.name_or_path), dtype=dtype, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(

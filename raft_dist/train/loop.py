@@ -135,6 +135,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # ---- loop ----------------------------------------------------------------------------
     accum = t.gradient_accumulation_steps
     pad = padding_batch(tokenizer)
+    if eval_stream is not None and t.eval_at_start and state["step"] == 0:
+        _record_eval(state, 0, evaluate(accelerator, model, eval_stream, pad, t.eval_batches),
+                     metrics)
     steps_this_run, steps_this_epoch = 0, 0
     model.train()
     while state["step"] < total_steps:
@@ -208,7 +211,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # ---- finish --------------------------------------------------------------------------
     metrics.close()
-    if eval_stream is not None:
+    already_evaluated = bool(state["evals"]) and state["evals"][-1]["step"] == state["step"]
+    if eval_stream is not None and not already_evaluated:
         _record_eval(state, state["step"],
                      evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics)
     final_dir = run_dir / "final"
@@ -292,15 +296,17 @@ def _summarize(accelerator: Any, recipe: Recipe, state: dict, streams: dict, fin
         "truncated": int(truncated),
         "dropped_overlong": int(dropped),
         "skipped_invalid": int(skipped),
-        "final_eval": state["evals"][-1] if state["evals"] else None,
+        "evals": state["evals"],
         "model_dir": str(final_dir) if recipe.output.save_final_model else None,
     }
 
 
 def _summary_text(summary: dict, run_dir: Path) -> str:
     lines = [f"done: {summary['steps']} optimizer steps"]
-    if summary["final_eval"]:
-        lines.append(f"  eval loss      {summary['final_eval']['eval_loss']:.4f}")
+    evals = summary["evals"]
+    if evals:
+        trail = " -> ".join(f"{e['eval_loss']:.4f} (step {e['step']})" for e in evals)
+        lines.append(f"  eval loss      {trail}")
     lines.append(f"  examples       {summary['examples_tokenized']} tokenized, "
                  f"{summary['truncated']} truncated, {summary['dropped_overlong']} dropped as "
                  f"overlong, {summary['skipped_invalid']} skipped as invalid")

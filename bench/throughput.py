@@ -1,0 +1,494 @@
+"""Training throughput of the raft-dist loop against a bare PyTorch loop and the HF Trainer.
+
+All three train the same tiny model (same seed, so the same initial weights) on the same batches
+in the same order, in one process, one after the other in alternating pairs (a, b, c, a, b, c,
+...), so that drift of the machine (thermal, other load) hits every loop alike.
+
+Throughput is non-pad *input* tokens per second (the attention-mask sum of each batch), counted
+from the same batch list for all three loops. The time window is the steady state: from the end
+of optimizer step WARMUP_STEPS to the end of the last step, wall clock, so everything a loop does
+between two steps (fetching and tokenizing data, logging, callbacks) is inside it.
+
+    python bench/throughput.py [--pairs 5] [--steps 12] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_PATH = ROOT / "configs" / "tiny.yaml"
+# The train/ folder itself, not the data set root: then no eval split is found and none runs.
+TRAIN_DATA = ROOT / "data" / "demo" / "train"
+WARMUP_STEPS = 2
+DEFAULT_STEPS = 40
+DEFAULT_PAIRS = 5
+LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
+# Ratio name -> (numerator loop, denominator loop, target the median must reach).
+TARGETS: dict[str, tuple[str, str, float]] = {
+    "raft_dist/bare_torch": ("raft_dist", "bare_torch", 0.95),
+    "raft_dist/hf_trainer": ("raft_dist", "hf_trainer", 1.0),
+}
+
+
+@dataclass
+class LoopRun:
+    """One timed training run of one loop."""
+
+    loop: str
+    tokens_per_s: float  # steady-state wall clock, the figure the ratios use
+    window_s: float
+    window_tokens: int
+    # Sum of the per-step bodies only (what each loop calls one step; see the README).
+    step_body_tokens_per_s: float
+    losses: list[float] = field(default_factory=list)
+    threads_after: int = 0  # torch threads when the run ended: a library changing it shows here
+
+
+# ---- shared inputs -------------------------------------------------------------------------
+
+
+def bench_overrides(steps: int, out_dir: Path) -> list[str]:
+    """The tiny recipe reduced to pure training: no eval, no checkpoints, no trackers.
+
+    The schedule is made constant so that all three loops run the very same optimisation (the
+    Trainer and the bare loop then need no scheduler of their own to match the losses).
+    """
+    return [
+        f"data.train={TRAIN_DATA}",
+        f"training.max_steps={steps}",
+        "training.gradient_accumulation_steps=1",
+        "training.micro_batch_size=4",
+        "training.eval_every=0",
+        "training.save_every=0",
+        "training.warmup_steps=0",
+        "training.lr_schedule=constant",
+        "training.log_every=1",
+        "data.max_seq_len=1024",
+        "model.dtype=float32",
+        "training.mixed_precision='no'",  # quoted: YAML reads a bare no as false
+        "output.save_final_model=false",
+        "logging.tensorboard=false",
+        "logging.wandb=false",
+        "logging.progress_bar=false",
+        "logging.level=warning",
+        f"output.dir={out_dir}",
+    ]
+
+
+def load_bench_recipe(steps: int, out_dir: Path) -> Any:
+    from raft_dist.config import load_recipe
+
+    return load_recipe(RECIPE_PATH, bench_overrides(steps, out_dir))
+
+
+def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
+    """The batches the raft-dist loop will draw, built once the way the loop builds them."""
+    from raft_dist.data.sources import load_shards
+    from raft_dist.data.streaming import RankStream, StreamSettings
+    from raft_dist.model import load_tokenizer
+
+    t, d = recipe.training, recipe.data
+    settings = StreamSettings(
+        max_seq_len=d.max_seq_len,
+        micro_batch_size=t.micro_batch_size,
+        packing=d.packing,
+        overlong=d.overlong,
+        skip_invalid=d.skip_invalid,
+        shuffle_shards=d.shuffle_shards,
+        seed=t.seed,
+    )
+    stream = RankStream(
+        load_shards(d.train, "train"), load_tokenizer(recipe.model), settings, rank=0, world_size=1
+    )
+    batches: list[dict[str, Any]] = []
+    while len(batches) < steps:
+        batch = stream.next_batch()
+        if batch is None:  # the loop starts the next (reshuffled) epoch when max_steps is set
+            stream.start_epoch(stream.state.epoch + 1)
+            continue
+        batches.append(batch)
+    return batches
+
+
+def input_tokens(batch: dict[str, Any]) -> int:
+    """Non-pad input tokens: the count all three loops are credited with."""
+    return int(batch["attention_mask"].sum())
+
+
+def steady_state(
+    loop: str, ends: list[float], bodies: list[float], tokens: list[int], losses: list[float]
+) -> LoopRun:
+    """Throughput from the end of step WARMUP_STEPS to the end of the last step."""
+    import torch
+
+    window_s = ends[-1] - ends[WARMUP_STEPS - 1]
+    window_tokens = sum(tokens[WARMUP_STEPS:])
+    return LoopRun(
+        loop=loop,
+        tokens_per_s=window_tokens / window_s,
+        window_s=window_s,
+        window_tokens=window_tokens,
+        step_body_tokens_per_s=window_tokens / sum(bodies[WARMUP_STEPS:]),
+        losses=losses,
+        threads_after=torch.get_num_threads(),
+    )
+
+
+def fresh_process_state(threads: int) -> None:
+    """Each run starts from the same global state: no Accelerate singleton left over from the
+    previous loop, and the thread count the environment asked for."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def seeded_model(recipe: Any) -> tuple[Any, Any]:
+    """Tokenizer and model exactly as train() makes them: seed first, then tokenizer, model."""
+    from accelerate.utils import set_seed
+
+    from raft_dist.model import load_model, load_tokenizer
+
+    set_seed(recipe.training.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    return tokenizer, load_model(recipe.model, tokenizer)
+
+
+# ---- a. the raft-dist loop -----------------------------------------------------------------
+
+
+def run_raft_dist(steps: int, tokens: list[int], work_dir: Path) -> LoopRun:
+    """train() in this process; the timing comes from its own metrics.jsonl.
+
+    elapsed_s is taken when a step is logged, after the step's gathers, so elapsed_s[N] -
+    elapsed_s[WARMUP_STEPS] is the same window as in the other loops (to the millisecond it is
+    rounded to). The step body is recovered per step as input tokens / tokens_per_s: the loop
+    times each step from fetching (and tokenizing) its batch to the end of its gathers.
+    """
+    from raft_dist.train.loop import train
+
+    out_dir = Path(tempfile.mkdtemp(prefix="raft-", dir=work_dir))
+    recipe = load_bench_recipe(steps, out_dir)
+    with contextlib.redirect_stdout(io.StringIO()):  # run card and summary
+        train(recipe)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    if [r["step"] for r in rows] != list(range(1, steps + 1)):
+        raise RuntimeError(f"metrics.jsonl of {out_dir} does not hold one row per step")
+    ends = [float(r["elapsed_s"]) for r in rows]
+    bodies = [n / float(r["tokens_per_s"]) for n, r in zip(tokens, rows, strict=True)]
+    return steady_state("raft_dist", ends, bodies, tokens, [float(r["loss"]) for r in rows])
+
+
+# ---- b. a bare PyTorch loop ----------------------------------------------------------------
+
+
+def run_bare_torch(recipe: Any, batches: list[dict[str, Any]], tokens: list[int]) -> LoopRun:
+    """The least a training step can do: forward, token-summed loss, backward, clip, step."""
+    import torch
+
+    from raft_dist.train.loop import token_loss_sum
+
+    _, model = seeded_model(recipe)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=recipe.training.lr, weight_decay=recipe.training.weight_decay
+    )
+    ends, bodies, losses = [], [], []
+    for batch in batches:
+        begin = time.perf_counter()
+        loss_sum, count = token_loss_sum(model, batch)
+        loss = loss_sum / float(count)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.training.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        ends.append(end)
+        bodies.append(end - begin)
+        losses.append(loss.detach())
+    return steady_state("bare_torch", ends, bodies, tokens, [float(v) for v in losses])
+
+
+# ---- c. the Hugging Face Trainer -----------------------------------------------------------
+
+
+def unpadded_rows(batches: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
+    """Pre-tokenized examples in batch order, so the Trainer's collator re-pads them to the same
+    tensors (a sequential sampler and the same batch size give back the same batches)."""
+    rows = []
+    for batch in batches:
+        for ids, labels, mask in zip(
+            batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True
+        ):
+            n = int(mask.sum())
+            rows.append((ids[:n].tolist(), labels[:n].tolist()))
+    return rows
+
+
+def run_hf_trainer(
+    recipe: Any, batches: list[dict[str, Any]], tokens: list[int], work_dir: Path
+) -> LoopRun:
+    """transformers.Trainer with the same loss, optimizer, clipping and batches; logging,
+    evaluation and saving off. A callback stamps on_step_begin / on_step_end."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from raft_dist.data.batching import collate
+    from raft_dist.data.streaming import pad_token_id
+    from raft_dist.train.loop import token_loss_sum
+
+    t = recipe.training
+    if any(len(b["input_ids"]) != t.micro_batch_size for b in batches):
+        raise RuntimeError("a short batch would shift the Trainer's batches; change --steps")
+    tokenizer, model = seeded_model(recipe)
+    rows = unpadded_rows(batches)
+    pad_id = pad_token_id(tokenizer)
+    losses: list[Any] = []
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, index: int) -> tuple[list[int], list[int]]:
+            return rows[index]
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.begins: list[float] = []
+            self.ends: list[float] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.begins.append(time.perf_counter())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.ends.append(time.perf_counter())
+
+    class TokenSumTrainer(Trainer):
+        loss_is_scaled_for_ga = True  # already divided by the batch's target tokens
+
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            loss_sum, count = token_loss_sum(model, inputs)
+            loss = loss_sum / float(count)
+            losses.append(loss.detach())
+            return loss
+
+    args = TrainingArguments(
+        output_dir=str(Path(tempfile.mkdtemp(prefix="hf-", dir=work_dir))),
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=len(batches),
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",  # torch.optim.AdamW, as the other two loops use
+        seed=t.seed,
+        train_sampling_strategy="sequential",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+    )
+    clock = StepClock()
+    trainer = TokenSumTrainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(),
+        data_collator=lambda features: collate(list(features), pad_id=pad_id),
+        callbacks=[clock],
+    )
+    trainer.train()
+    bodies = [end - begin for begin, end in zip(clock.begins, clock.ends, strict=True)]
+    return steady_state("hf_trainer", clock.ends, bodies, tokens, [float(v) for v in losses])
+
+
+# ---- pairs and report ----------------------------------------------------------------------
+
+
+def run_loop(
+    loop: str,
+    recipe: Any,
+    batches: list[dict[str, Any]],
+    tokens: list[int],
+    work_dir: Path,
+    threads: int,
+) -> LoopRun:
+    """One timed run of one loop over `batches`, from a reset global state."""
+    fresh_process_state(threads)
+    if loop == "raft_dist":
+        return run_raft_dist(len(batches), tokens, work_dir)
+    if loop == "bare_torch":
+        return run_bare_torch(recipe, batches, tokens)
+    return run_hf_trainer(recipe, batches, tokens, work_dir)
+
+
+def run_pairs(pairs: int, steps: int, log: Any = print) -> dict[str, Any]:
+    """Alternate a, b, c `pairs` times on one batch list; return every run and the medians.
+
+    One short untimed run of each loop comes first, so that the first timed run does not pay
+    for what a process does once (lazy imports, first kernel calls, allocator growth).
+    """
+    if steps <= WARMUP_STEPS + 1:
+        raise ValueError(f"--steps must be above {WARMUP_STEPS + 1} to leave a timed window")
+    import torch
+
+    threads = torch.get_num_threads()  # what the environment gave this process
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="raft-bench-") as tmp:
+        work_dir = Path(tmp)
+        recipe = load_bench_recipe(steps, work_dir / "unused")
+        batches = materialize_batches(recipe, steps)
+        tokens = [input_tokens(b) for b in batches]
+        short = WARMUP_STEPS + 2
+        for loop in LOOPS:
+            run_loop(loop, recipe, batches[:short], tokens[:short], work_dir, threads)
+        runs: list[dict[str, LoopRun]] = []
+        for pair in range(pairs):
+            result = {
+                loop: run_loop(loop, recipe, batches, tokens, work_dir, threads) for loop in LOOPS
+            }
+            runs.append(result)
+            log(pair_line(pair, result))
+    return summarize(runs, steps, tokens, threads, time.perf_counter() - started)
+
+
+def ratios(result: dict[str, LoopRun]) -> dict[str, float]:
+    return {
+        name: result[num].tokens_per_s / result[den].tokens_per_s
+        for name, (num, den, _) in TARGETS.items()
+    }
+
+
+def pair_line(pair: int, result: dict[str, LoopRun]) -> str:
+    speeds = "  ".join(f"{loop} {result[loop].tokens_per_s:8.0f}" for loop in LOOPS)
+    rel = "  ".join(f"{name} {value:.3f}" for name, value in ratios(result).items())
+    return f"pair {pair + 1}: tok/s {speeds} | {rel}"
+
+
+def max_loss_gap(runs: list[dict[str, LoopRun]]) -> dict[str, float]:
+    """Largest per-step loss difference to the bare loop: proof the loops did the same work."""
+    gaps = {}
+    for loop in ("raft_dist", "hf_trainer"):
+        gaps[loop] = max(
+            abs(a - b)
+            for r in runs
+            for a, b in zip(r[loop].losses, r["bare_torch"].losses, strict=True)
+        )
+    return gaps
+
+
+def summarize(
+    runs: list[dict[str, LoopRun]], steps: int, tokens: list[int], threads: int, wall_s: float
+) -> dict[str, Any]:
+    per_pair = [ratios(r) for r in runs]
+    medians = {name: statistics.median(p[name] for p in per_pair) for name in TARGETS}
+    return {
+        "unit": "non-pad input tokens per second (attention-mask sum), steady state",
+        "settings": {
+            "pairs": len(runs),
+            "steps": steps,
+            "warmup_steps_excluded": WARMUP_STEPS,
+            "micro_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "max_seq_len": 1024,
+            "dtype": "float32",
+            "torch_threads": threads,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "tokens_per_step": tokens,
+        },
+        "runs": [{loop: asdict(r[loop]) for loop in LOOPS} for r in runs],
+        "ratios_per_pair": per_pair,
+        "median_ratio": medians,
+        "median_tokens_per_s": {
+            loop: statistics.median(r[loop].tokens_per_s for r in runs) for loop in LOOPS
+        },
+        "median_step_body_tokens_per_s": {
+            loop: statistics.median(r[loop].step_body_tokens_per_s for r in runs) for loop in LOOPS
+        },
+        "max_loss_gap_to_bare": max_loss_gap(runs),
+        "targets": {
+            name: {
+                "target": target,
+                "median": medians[name],
+                "verdict": "PASS" if medians[name] >= target else "MISS",
+            }
+            for name, (_, _, target) in TARGETS.items()
+        },
+        "wall_s": wall_s,
+    }
+
+
+def report_lines(summary: dict[str, Any]) -> list[str]:
+    """The human-readable part: medians, both ratios and their verdicts."""
+    lines = [f"throughput ({summary['unit']}), median of {summary['settings']['pairs']} pairs:"]
+    for loop in LOOPS:
+        lines.append(
+            f"  {loop:<11} {summary['median_tokens_per_s'][loop]:9.0f} tok/s"
+            f"   (step body only {summary['median_step_body_tokens_per_s'][loop]:9.0f})"
+        )
+    for name, verdict in summary["targets"].items():
+        lines.append(
+            f"  {name:<21} median {verdict['median']:.3f}  target >= {verdict['target']:.2f}"
+            f"  {verdict['verdict']}"
+        )
+    gaps = summary["max_loss_gap_to_bare"]
+    lines.append(
+        "  same work check: max |loss - bare loss| "
+        + ", ".join(f"{loop} {gap:.2e}" for loop, gap in gaps.items())
+    )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary = run_pairs(args.pairs, args.steps)
+    print("\n".join(report_lines(summary)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "throughput.json"
+    path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
