@@ -1,0 +1,101 @@
+"""Launch profiles: every shipped profile loads through Accelerate's own config loader, and the
+command built from it asks for the world size and engine the profile promises."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+from raft_dist.errors import ConfigError
+from raft_dist.launcher import plan_launch, split_args
+from raft_dist.resources import entry_script, profile_names
+
+RECIPE = str(ROOT / "configs/tiny.yaml")
+EXPECTED = {  # profile -> (world size, engine, sets ACCELERATE_USE_CPU)
+    "cpu": (2, "ddp", True),
+    "single_gpu": (1, "single", False),
+    "multi_gpu": (2, "ddp", False),
+    "multi_node": (2, "ddp", False),
+}
+
+
+def test_every_shipped_profile_is_known() -> None:
+    assert set(EXPECTED) <= set(profile_names())
+
+
+@pytest.mark.parametrize("profile", sorted(EXPECTED))
+def test_profile_loads_and_builds_the_launch_command(profile: str) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "accelerate_configs" / f"{profile}.yaml"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("#"), "every profile starts with a header comment saying when to use it"
+    assert "raft-dist launch --profile" in text
+    load_config_from_file(str(path))  # Accelerate's own loader accepts it
+
+    plan = plan_launch(profile, RECIPE, ["training.max_steps=3"], [], environ={})
+    world, engine, cpu = EXPECTED[profile]
+    assert plan.world_size == world and plan.engine == engine
+    assert (plan.env.get("ACCELERATE_USE_CPU") == "1") is cpu
+    assert plan.env["RAFT_DIST_EXPECT_WORLD_SIZE"] == str(world)
+    cmd = plan.command
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(path)
+    assert str(entry_script()) in cmd
+    assert cmd[-3:] == ["--config", RECIPE, "training.max_steps=3"]
+
+
+def test_multi_node_rank_and_address_pass_through() -> None:
+    overrides, extra = split_args(["--machine_rank", "1", "training.seed=3",
+                                   "--main_process_ip=10.1.2.3", "--num_processes", "16"])
+    assert overrides == ["training.seed=3"]
+    plan = plan_launch("multi_node", RECIPE, overrides, extra, environ={})
+    assert plan.world_size == 16 and plan.num_machines == 2
+    assert ["--machine_rank", "1"] == plan.command[5:7]
+    assert plan.env["OMP_NUM_THREADS"]
+
+
+def test_profile_can_be_any_accelerate_config_path(tmp_path: Path) -> None:
+    custom = tmp_path / "mine.yaml"
+    custom.write_text((ROOT / "accelerate_configs/cpu.yaml").read_text().replace(
+        "num_processes: 2", "num_processes: 3"))
+    assert plan_launch(str(custom), RECIPE, [], [], environ={}).world_size == 3
+
+
+def test_unknown_profile_lists_the_allowed_ones() -> None:
+    with pytest.raises(ConfigError, match="unknown profile 'gpu8'; allowed: .*cpu.*multi_node"):
+        plan_launch("gpu8", RECIPE, [], [], environ={})
+
+
+def test_deepspeed_with_a_cpu_flag_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "ds.yaml"
+    profile.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\nnum_processes: 2\n"
+        "num_machines: 1\nmachine_rank: 0\ndeepspeed_config:\n  zero_stage: 2\n"
+    )
+    plan = plan_launch(str(profile), RECIPE, [], [], environ={})
+    assert plan.engine == "deepspeed" and plan.zero_stage == 2
+    with pytest.raises(ConfigError, match="silently drop DeepSpeed"):
+        plan_launch(str(profile), RECIPE, [], ["--cpu"], environ={})
+    with pytest.raises(ConfigError, match="silently drop DeepSpeed"):
+        plan_launch(str(profile), RECIPE, [], [], environ={"ACCELERATE_USE_CPU": "1"})
+
+
+def test_multi_cpu_profile_that_would_run_one_process_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "mc.yaml"
+    profile.write_text((ROOT / "accelerate_configs/cpu.yaml").read_text().replace(
+        "distributed_type: MULTI_GPU", "distributed_type: MULTI_CPU"))
+    with pytest.raises(ConfigError, match="MULTI_CPU runs ONE process"):
+        plan_launch(str(profile), RECIPE, [], [], environ={})
+
+
+def test_dry_run_prints_recipe_and_command() -> None:
+    result = run_cli("launch", "--profile", "cpu", "--config", RECIPE, "--dry-run",
+                     "training.max_steps=3", "--main_process_port", "29999")
+    assert result.returncode == 0, result.stderr
+    assert "max_steps: 3" in result.stdout
+    assert "ACCELERATE_USE_CPU=1" in result.stdout
+    assert "--config_file" in result.stdout and "--main_process_port 29999" in result.stdout
