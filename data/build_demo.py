@@ -48,9 +48,32 @@ COT_OPENERS = [
 ]
 
 FUNCTION_WORDS = {
-    "what", "which", "who", "whom", "whose", "when", "where", "why", "how",
-    "in", "on", "at", "for", "about", "since", "until", "with", "during",
-    "under", "the", "a", "an", "from", "to", "by", "of",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "in",
+    "on",
+    "at",
+    "for",
+    "about",
+    "since",
+    "until",
+    "with",
+    "during",
+    "under",
+    "the",
+    "a",
+    "an",
+    "from",
+    "to",
+    "by",
+    "of",
 }
 
 SLUG_RE = re.compile(r"^\d\d-[a-z0-9-]+\.md$")
@@ -65,6 +88,7 @@ def fail(msg):
 
 
 # --------------------------------------------------------------------------- sources
+
 
 def readable_slug(name):
     slug = name[3:-3] if SLUG_RE.match(name) else os.path.splitext(name)[0]
@@ -124,6 +148,7 @@ def load_qa(docs):
 
 # --------------------------------------------------------------------------- records
 
+
 def embedded_question(question):
     q = question.strip().rstrip("?").strip()
     first = q.split(" ", 1)[0]
@@ -174,6 +199,7 @@ def shard_sizes(n, k):
 
 # --------------------------------------------------------------------------- output
 
+
 def dump_line(record):
     return json.dumps(record, ensure_ascii=False) + "\n"
 
@@ -195,7 +221,7 @@ def write_split(split, records, sizes):
     start = 0
     for i, size in enumerate(sizes):
         rel = f"{split}/shard-{i:05d}.jsonl"
-        data = "".join(dump_line(r) for r in records[start:start + size]).encode("utf-8")
+        data = "".join(dump_line(r) for r in records[start : start + size]).encode("utf-8")
         atomic_write(os.path.join(OUT_DIR, rel), data)
         shards.append({"path": rel, "records": size, "sha256": hashlib.sha256(data).hexdigest()})
         start += size
@@ -207,6 +233,7 @@ def write_split(split, records, sizes):
 
 
 # --------------------------------------------------------------------------- checks
+
 
 def check_record(rec, docs, where):
     documents = rec["documents"]
@@ -227,7 +254,9 @@ def check_record(rec, docs, where):
             fail(f"{where}: documents[oracle_index] is not the oracle")
         if texts.count(oracle) != 1:
             fail(f"{where}: the oracle appears among the distractors")
-    m = re.search(re.escape(BEGIN_QUOTE) + r" (.*?) " + re.escape(END_QUOTE), rec["cot_answer"], re.S)
+    m = re.search(
+        re.escape(BEGIN_QUOTE) + r" (.*?) " + re.escape(END_QUOTE), rec["cot_answer"], re.S
+    )
     if not m:
         fail(f"{where}: cot_answer has no quote")
     quote = m.group(1)
@@ -280,6 +309,7 @@ def verify(manifest, docs, eval_doc_names):
 
 
 # --------------------------------------------------------------------------- main
+
 
 def build():
     names, docs = load_documents()

@@ -20,8 +20,13 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
 def corpus() -> list[str]:
-    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/demo_source").glob("*.md"))]
-    texts.append(INSTRUCTION + " <DOCUMENT> </DOCUMENT> Question: Answer: ##begin_quote## ##end_quote## <ANSWER>:")
+    texts = [
+        p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/demo_source").glob("*.md"))
+    ]
+    texts.append(
+        INSTRUCTION
+        + " <DOCUMENT> </DOCUMENT> Question: Answer: ##begin_quote## ##end_quote## <ANSWER>:"
+    )
     return texts
 
 

@@ -20,9 +20,10 @@ BUNDLED_NAME = "smollm2-135m-instruct"
 
 
 def cache_root() -> Path:
-    base = os.environ.get("RAFT_DIST_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
-    ) / "raft-dist"
+    base = (
+        os.environ.get("RAFT_DIST_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raft-dist"
+    )
     return Path(base)
 
 

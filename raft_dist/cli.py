@@ -28,8 +28,9 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "recipe_path", required=True, type=click.Path(dir_okay=False),
-              help=RECIPE_HELP)
+@click.option(
+    "--config", "recipe_path", required=True, type=click.Path(dir_okay=False), help=RECIPE_HELP
+)
 @click.argument("overrides", nargs=-1)
 def train(recipe_path: str, overrides: tuple[str, ...]) -> None:
     """Train in this process (alone, or as one rank started by `accelerate launch`).
@@ -47,13 +48,19 @@ def train(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--profile", default="cpu", show_default=True,
-              help="Launch profile: a name from accelerate_configs/ (cpu, single_gpu, multi_gpu, "
-                   "multi_node, ...) or a path to any accelerate config file.")
-@click.option("--config", "recipe_path", required=True, type=click.Path(dir_okay=False),
-              help=RECIPE_HELP)
-@click.option("--dry-run", is_flag=True, help="Print the resolved recipe and the exact command, "
-                                              "run nothing.")
+@click.option(
+    "--profile",
+    default="cpu",
+    show_default=True,
+    help="Launch profile: a name from accelerate_configs/ (cpu, single_gpu, multi_gpu, "
+    "multi_node, ...) or a path to any accelerate config file.",
+)
+@click.option(
+    "--config", "recipe_path", required=True, type=click.Path(dir_okay=False), help=RECIPE_HELP
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the resolved recipe and the exact command, run nothing."
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...]) -> None:
     """Start `accelerate launch` with a profile and a recipe.

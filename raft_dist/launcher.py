@@ -51,7 +51,10 @@ def _option(args: list[str], name: str) -> str | None:
 
 
 def plan_launch(
-    profile: str, recipe_path: str, overrides: list[str], accelerate_args: list[str],
+    profile: str,
+    recipe_path: str,
+    overrides: list[str],
+    accelerate_args: list[str],
     environ: dict[str, str] | None = None,
 ) -> LaunchPlan:
     from accelerate.commands.config.config_args import load_config_from_file
@@ -98,11 +101,15 @@ def plan_launch(
         local = max(1, num_processes // num_machines)
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(profile_path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(profile_path),
         *accelerate_args,
         str(entry_script()),
-        "--config", recipe_path,
+        "--config",
+        recipe_path,
         *overrides,
     ]
     return LaunchPlan(command, env, num_processes, engine, stage, num_machines)

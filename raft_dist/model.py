@@ -61,7 +61,9 @@ def builtin_name(name_or_path: str) -> str | None:
         return None
     if name not in TINY_ARCHITECTURES:
         allowed = ", ".join(BUILTIN_PREFIX + n for n in [*TINY_ARCHITECTURES, BUNDLED_PRETRAINED])
-        raise ConfigError(f"model.name_or_path: unknown built-in {name_or_path!r}; allowed: {allowed}")
+        raise ConfigError(
+            f"model.name_or_path: unknown built-in {name_or_path!r}; allowed: {allowed}"
+        )
     return name
 
 
@@ -82,7 +84,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.tokenizer: cannot load tokenizer from {source!r}: {exc}") from None
+        raise ConfigError(
+            f"model.tokenizer: cannot load tokenizer from {source!r}: {exc}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -108,7 +112,9 @@ def load_model(cfg: ModelConfig, tokenizer: Any) -> Any:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
-            resolve_pretrained(cfg.name_or_path), dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            resolve_pretrained(cfg.name_or_path),
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(

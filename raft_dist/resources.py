@@ -20,8 +20,10 @@ def resource_dir(name: str) -> Path:
         candidate = root / name
         if candidate.is_dir():
             return candidate
-    raise ConfigError(f"cannot find the {name}/ folder of raft-dist (looked in {CHECKOUT_ROOT} "
-                      f"and {SHARE_ROOT}); reinstall raft-dist")
+    raise ConfigError(
+        f"cannot find the {name}/ folder of raft-dist (looked in {CHECKOUT_ROOT} "
+        f"and {SHARE_ROOT}); reinstall raft-dist"
+    )
 
 
 def entry_script() -> Path:
@@ -41,6 +43,8 @@ def resolve_profile(profile: str) -> Path:
         return path
     candidate = resource_dir("accelerate_configs") / f"{profile}.yaml"
     if not candidate.is_file():
-        raise ConfigError(f"--profile: unknown profile {profile!r}; allowed: "
-                          f"{', '.join(profile_names())} or a path to an accelerate config file")
+        raise ConfigError(
+            f"--profile: unknown profile {profile!r}; allowed: "
+            f"{', '.join(profile_names())} or a path to an accelerate config file"
+        )
     return candidate

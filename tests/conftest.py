@@ -43,10 +43,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*RAFT_DIST, *args], cwd=cwd, env=env or offline_env(), capture_output=True, text=True,
+        [*RAFT_DIST, *args],
+        cwd=cwd,
+        env=env or offline_env(),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -72,8 +77,9 @@ def raft_record(rng: random.Random, index: int) -> dict:
     }
 
 
-def write_dataset(root: Path, shard_sizes: list[int], *, eval_sizes: tuple[int, ...] = (),
-                  seed: int = 0) -> list[str]:
+def write_dataset(
+    root: Path, shard_sizes: list[int], *, eval_sizes: tuple[int, ...] = (), seed: int = 0
+) -> list[str]:
     """A data set folder (train/ and optional eval/ shards, no manifest); returns train ids."""
     rng = random.Random(seed)
     ids, index = [], 0
@@ -97,8 +103,12 @@ def write_recipe(path: Path, data_dir: Path, out: Path, **sections: dict) -> Pat
         "model": {"name_or_path": "builtin:tiny-llama"},
         "data": {"train": str(data_dir), "max_seq_len": 256, "shuffle_shards": False},
         "training": {
-            "seed": 7, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "lr": 1e-3,
-            "warmup_steps": 0, "max_grad_norm": 1.0,
+            "seed": 7,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "lr": 1e-3,
+            "warmup_steps": 0,
+            "max_grad_norm": 1.0,
         },
         "output": {"dir": str(out)},
         "logging": {"progress_bar": False, "tensorboard": False},

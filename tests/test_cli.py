@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT, offline_env, run_cli, write_dataset, write_recipe
+from conftest import ROOT, offline_env, read_metrics, run_cli, write_dataset, write_recipe
 
 
 def test_help_imports_no_heavy_library() -> None:
@@ -22,8 +21,14 @@ def test_help_imports_no_heavy_library() -> None:
         "if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            env=offline_env(), cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "HEAVY []" in result.stdout
     assert "section.key=value" in result.stdout
@@ -31,8 +36,10 @@ def test_help_imports_no_heavy_library() -> None:
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("training.lr=fast", "error: training.lr: expected a number"),
-     ("training.bogus=1", "error: unknown key training.bogus")],
+    [
+        ("training.lr=fast", "error: training.lr: expected a number"),
+        ("training.bogus=1", "error: unknown key training.bogus"),
+    ],
 )
 def test_bad_config_is_one_line_without_traceback(override: str, message: str) -> None:
     result = run_cli("train", "--config", str(ROOT / "configs/tiny.yaml"), override)
@@ -42,10 +49,18 @@ def test_bad_config_is_one_line_without_traceback(override: str, message: str) -
 
 
 def bad_line_cases() -> dict[str, tuple[bytes, str]]:
-    good = json.loads(json.dumps({
-        "id": "x", "question": "q?", "documents": [{"text": "a b."}], "oracle_index": 0,
-        "oracle": "a b.", "cot_answer": "##begin_quote## a b. ##end_quote## <ANSWER>: a",
-    }))
+    good = json.loads(
+        json.dumps(
+            {
+                "id": "x",
+                "question": "q?",
+                "documents": [{"text": "a b."}],
+                "oracle_index": 0,
+                "oracle": "a b.",
+                "cot_answer": "##begin_quote## a b. ##end_quote## <ANSWER>: a",
+            }
+        )
+    )
     missing = {k: v for k, v in good.items() if k != "question"}
     wrong_type = {**good, "oracle_index": "zero"}
     return {
@@ -75,8 +90,13 @@ def test_skip_invalid_counts_skipped_records(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data", [4])
     shard = tmp_path / "data/train/shard-00000.jsonl"
     shard.write_bytes(shard.read_bytes() + b"not json\n")
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", tmp_path / "out",
-                          data={"skip_invalid": True}, training={"epochs": 1})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "data",
+        tmp_path / "out",
+        data={"skip_invalid": True},
+        training={"epochs": 1},
+    )
     result = run_cli("train", "--config", str(recipe))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out/summary.json").read_text())
@@ -86,8 +106,11 @@ def test_skip_invalid_counts_skipped_records(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("layout", "message"),
-    [("empty_shard", "the shard is empty"), ("no_files", "holds no .jsonl file"),
-     ("missing", "no such file or folder")],
+    [
+        ("empty_shard", "the shard is empty"),
+        ("no_files", "holds no .jsonl file"),
+        ("missing", "no such file or folder"),
+    ],
 )
 def test_empty_or_missing_data_set(tmp_path: Path, layout: str, message: str) -> None:
     data = tmp_path / "data"
@@ -104,8 +127,12 @@ def test_empty_or_missing_data_set(tmp_path: Path, layout: str, message: str) ->
 
 def test_existing_checkpoints_need_an_explicit_resume(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data", [4])
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", tmp_path / "out",
-                          training={"max_steps": 2, "save_every": 1})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "data",
+        tmp_path / "out",
+        training={"max_steps": 2, "save_every": 1},
+    )
     first = run_cli("train", "--config", str(recipe))
     assert first.returncode == 0, first.stderr[-3000:]
     again = run_cli("train", "--config", str(recipe))
@@ -113,3 +140,26 @@ def test_existing_checkpoints_need_an_explicit_resume(tmp_path: Path) -> None:
     assert "training.resume=latest" in again.stderr
     saved = (tmp_path / "out/recipe.yaml").read_text()
     assert "max_steps: 2" in saved
+
+
+def test_plain_text_fine_tuning_on_gpt2(tmp_path: Path) -> None:
+    """data.format=text: classic causal-LM fine-tuning, the baseline RAFT is compared with."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b"):
+        (corpus / f"{name}.txt").write_text("the tide mill turns at dawn.\n" * 40)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        corpus,
+        tmp_path / "out",
+        model={"name_or_path": "builtin:tiny-gpt2"},
+        data={"format": "text", "max_seq_len": 64},
+        training={"max_steps": 6, "lr": 3e-3},
+    )
+    result = run_cli("train", "--config", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    # every position is a target in text mode: 2 rows x 2 micro-batches x 63 shifted tokens
+    assert read_metrics(tmp_path / "out")[0]["target_tokens"] == 2 * 2 * 63
+    assert (tmp_path / "out/final/config.json").is_file()

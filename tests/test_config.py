@@ -22,9 +22,17 @@ def test_shipped_recipes_load(name: str) -> None:
 def test_overrides_are_typed() -> None:
     recipe = load_recipe(
         ROOT / "configs/tiny.yaml",
-        ["data.train=/x", "training.max_steps=100", "training.save_every=20", "training.seed=7",
-         "training.resume=latest", "output.dir=runs/x", "training.lr=1e-4",
-         "lora.target_modules=[q_proj, v_proj]", "training.eval_batches=null"],
+        [
+            "data.train=/x",
+            "training.max_steps=100",
+            "training.save_every=20",
+            "training.seed=7",
+            "training.resume=latest",
+            "output.dir=runs/x",
+            "training.lr=1e-4",
+            "lora.target_modules=[q_proj, v_proj]",
+            "training.eval_batches=null",
+        ],
     )
     assert recipe.data.train == "/x"
     assert recipe.training.max_steps == 100 and recipe.training.save_every == 20

@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import (
     free_port,
     offline_env,
@@ -23,6 +21,7 @@ from conftest import (
     write_dataset,
     write_recipe,
 )
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
@@ -30,8 +29,16 @@ SHARDS = [7, 3, 9, 6, 4]  # 29 records: ranks own 14 and 15
 
 
 def launch(recipe: Path, *overrides: str, profile: str = "cpu") -> None:
-    result = run_cli("launch", "--profile", profile, "--config", str(recipe), *overrides,
-                     "--main_process_port", str(free_port()))
+    result = run_cli(
+        "launch",
+        "--profile",
+        profile,
+        "--config",
+        str(recipe),
+        *overrides,
+        "--main_process_port",
+        str(free_port()),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -49,8 +56,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ids = write_dataset(root / "data", SHARDS, eval_sizes=(3, 2), seed=1)
     common = {
         "data": {"record_audit": True},
-        "training": {"micro_batch_size": 1, "gradient_accumulation_steps": 2, "epochs": 1,
-                     "save_every": 3, "eval_every": 4},
+        "training": {
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            "epochs": 1,
+            "save_every": 3,
+            "eval_every": 4,
+        },
     }
     recipe_a = write_recipe(root / "a.yaml", root / "data", root / "run_a", **common)
     recipe_b = write_recipe(root / "b.yaml", root / "data", root / "run_b", **common)
@@ -58,8 +70,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     launch(recipe_b, "training.stop_after_steps=3")
     stopped = sorted(p.name for p in (root / "run_b" / "checkpoints").iterdir())
     launch(recipe_b, "training.resume=latest")
-    return {"ids": ids, "a": root / "run_a", "b": root / "run_b", "stdout_a": out_a.stdout,
-            "stopped_checkpoints": stopped}
+    return {
+        "ids": ids,
+        "a": root / "run_a",
+        "b": root / "run_b",
+        "stdout_a": out_a.stdout,
+        "stopped_checkpoints": stopped,
+    }
 
 
 def test_two_real_processes_with_gloo(runs: dict) -> None:
@@ -128,9 +145,17 @@ def test_accumulation_equivalence_on_one_and_two_processes(tmp_path: Path) -> No
     assert max(lengths) > 2 * min(lengths)  # variable length is the point of the test
 
     def one_step(name: str, mb: int, acc: int, processes: int) -> dict:
-        recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / "data", tmp_path / name,
-                              training={"micro_batch_size": mb, "gradient_accumulation_steps": acc,
-                                        "max_steps": 1, "max_grad_norm": 0.0})
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tmp_path / "data",
+            tmp_path / name,
+            training={
+                "micro_batch_size": mb,
+                "gradient_accumulation_steps": acc,
+                "max_steps": 1,
+                "max_grad_norm": 0.0,
+            },
+        )
         if processes == 1:
             result = run_cli("train", "--config", str(recipe), "output.save_final_model=false")
             assert result.returncode == 0, result.stderr[-4000:]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from raft_dist.errors import ConfigError
 from raft_dist.launcher import plan_launch, split_args
 from raft_dist.resources import entry_script, profile_names
@@ -49,8 +49,16 @@ def test_profile_loads_and_builds_the_launch_command(profile: str) -> None:
 
 
 def test_multi_node_rank_and_address_pass_through() -> None:
-    overrides, extra = split_args(["--machine_rank", "1", "training.seed=3",
-                                   "--main_process_ip=10.1.2.3", "--num_processes", "16"])
+    overrides, extra = split_args(
+        [
+            "--machine_rank",
+            "1",
+            "training.seed=3",
+            "--main_process_ip=10.1.2.3",
+            "--num_processes",
+            "16",
+        ]
+    )
     assert overrides == ["training.seed=3"]
     plan = plan_launch("multi_node", RECIPE, overrides, extra, environ={})
     assert plan.world_size == 16 and plan.num_machines == 2
@@ -60,8 +68,11 @@ def test_multi_node_rank_and_address_pass_through() -> None:
 
 def test_profile_can_be_any_accelerate_config_path(tmp_path: Path) -> None:
     custom = tmp_path / "mine.yaml"
-    custom.write_text((ROOT / "accelerate_configs/cpu.yaml").read_text().replace(
-        "num_processes: 2", "num_processes: 3"))
+    custom.write_text(
+        (ROOT / "accelerate_configs/cpu.yaml")
+        .read_text()
+        .replace("num_processes: 2", "num_processes: 3")
+    )
     assert plan_launch(str(custom), RECIPE, [], [], environ={}).world_size == 3
 
 
@@ -86,15 +97,27 @@ def test_deepspeed_with_a_cpu_flag_is_refused(tmp_path: Path) -> None:
 
 def test_multi_cpu_profile_that_would_run_one_process_is_refused(tmp_path: Path) -> None:
     profile = tmp_path / "mc.yaml"
-    profile.write_text((ROOT / "accelerate_configs/cpu.yaml").read_text().replace(
-        "distributed_type: MULTI_GPU", "distributed_type: MULTI_CPU"))
+    profile.write_text(
+        (ROOT / "accelerate_configs/cpu.yaml")
+        .read_text()
+        .replace("distributed_type: MULTI_GPU", "distributed_type: MULTI_CPU")
+    )
     with pytest.raises(ConfigError, match="MULTI_CPU runs ONE process"):
         plan_launch(str(profile), RECIPE, [], [], environ={})
 
 
 def test_dry_run_prints_recipe_and_command() -> None:
-    result = run_cli("launch", "--profile", "cpu", "--config", RECIPE, "--dry-run",
-                     "training.max_steps=3", "--main_process_port", "29999")
+    result = run_cli(
+        "launch",
+        "--profile",
+        "cpu",
+        "--config",
+        RECIPE,
+        "--dry-run",
+        "training.max_steps=3",
+        "--main_process_port",
+        "29999",
+    )
     assert result.returncode == 0, result.stderr
     assert "max_steps: 3" in result.stdout
     assert "ACCELERATE_USE_CPU=1" in result.stdout

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_dataset
+
 from raft_dist.data.records import parse_record, to_example
 from raft_dist.data.sources import Shard, load_shards, resolve_files
 from raft_dist.data.streaming import RankStream, StreamSettings, iter_range, rank_range
@@ -37,8 +37,12 @@ def test_iter_range_reads_across_uneven_shards(tmp_path: Path) -> None:
     shards = load_shards(str(tmp_path))
     assert [s.records for s in shards] == [3, 1, 4]
     lines = [(r.path.name, r.line) for r in iter_range(shards, 2, 6, text=False)]
-    assert lines == [("shard-00000.jsonl", 3), ("shard-00001.jsonl", 1),
-                     ("shard-00002.jsonl", 1), ("shard-00002.jsonl", 2)]
+    assert lines == [
+        ("shard-00000.jsonl", 3),
+        ("shard-00001.jsonl", 1),
+        ("shard-00002.jsonl", 1),
+        ("shard-00002.jsonl", 2),
+    ]
 
 
 def collect(stream: RankStream, limit: int | None = None) -> list[list[int]]:
@@ -55,8 +59,9 @@ def collect(stream: RankStream, limit: int | None = None) -> list[list[int]]:
 def test_resume_from_state_continues_exactly(tmp_path: Path, tokenizer, packing: bool) -> None:
     write_dataset(tmp_path, [5, 6, 4])
     shards = load_shards(str(tmp_path))
-    settings = StreamSettings(max_seq_len=64, micro_batch_size=2, packing=packing,
-                              shuffle_shards=True, seed=3)
+    settings = StreamSettings(
+        max_seq_len=64, micro_batch_size=2, packing=packing, shuffle_shards=True, seed=3
+    )
     whole = collect(RankStream(shards, tokenizer, settings, rank=1, world_size=2))
     first = RankStream(shards, tokenizer, settings, rank=1, world_size=2)
     head = collect(first, limit=3)
@@ -71,8 +76,9 @@ def test_packing_keeps_every_target_token(tmp_path: Path, tokenizer) -> None:
     shards = load_shards(str(tmp_path))
     plain = StreamSettings(max_seq_len=512, micro_batch_size=3)
     packed = StreamSettings(max_seq_len=512, micro_batch_size=1, packing=True)
-    targets = sum(len(r) for r in collect(RankStream(shards, tokenizer, plain, rank=0,
-                                                     world_size=1)))
+    targets = sum(
+        len(r) for r in collect(RankStream(shards, tokenizer, plain, rank=0, world_size=1))
+    )
     stream = RankStream(shards, tokenizer, packed, rank=0, world_size=1)
     widths = []
     total = 0
@@ -110,10 +116,15 @@ def test_text_format_trains_on_every_token(tmp_path: Path, tokenizer) -> None:
     assert batch["input_ids"].shape == (2, 8)
     assert batch["labels"].equal(batch["input_ids"])  # loss on every token, no prompt mask
     rows = [batch] + [b for b in iter(stream.next_batch, None)]
-    ids = [t for b in rows for row, mask in zip(b["input_ids"], b["attention_mask"])
-           for t in row[mask.bool()].tolist()]
-    assert tokenizer.decode(ids) == ("the tide mill turns\nthe ferry leaves\n"
-                                     "<|endoftext|>the lantern burns\n")
+    ids = [
+        t
+        for b in rows
+        for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)
+        for t in row[mask.bool()].tolist()
+    ]
+    assert tokenizer.decode(ids) == (
+        "the tide mill turns\nthe ferry leaves\n<|endoftext|>the lantern burns\n"
+    )
 
 
 def test_sources_folder_glob_file_and_manifest(tmp_path: Path) -> None:

@@ -41,9 +41,7 @@ class RawRecord:
     raw: bytes
 
 
-def iter_range(
-    shards: list[Shard], start: int, end: int, *, text: bool
-) -> Iterator[RawRecord]:
+def iter_range(shards: list[Shard], start: int, end: int, *, text: bool) -> Iterator[RawRecord]:
     """Records start..end-1 of the concatenated shards, reading only the files that overlap."""
     offset = 0
     for shard in shards:
@@ -179,10 +177,13 @@ class RankStream:
                     try:
                         record.raw.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        raise DataError(record.path, record.line, f"invalid UTF-8: {exc.reason}")
+                        raise DataError(
+                            record.path, record.line, f"invalid UTF-8: {exc.reason}"
+                        ) from None
                 else:
-                    parse_record(decode_line(record.path, record.line, record.raw),
-                                 record.path, record.line)
+                    parse_record(
+                        decode_line(record.path, record.line, record.raw), record.path, record.line
+                    )
             except DataError as exc:
                 if not self.settings.skip_invalid:
                     return str(exc)
@@ -207,8 +208,9 @@ class RankStream:
                 yield ids, list(ids)
                 continue
             try:
-                parsed = parse_record(decode_line(record.path, record.line, record.raw),
-                                      record.path, record.line)
+                parsed = parse_record(
+                    decode_line(record.path, record.line, record.raw), record.path, record.line
+                )
             except DataError:
                 if not self.settings.skip_invalid:
                     raise

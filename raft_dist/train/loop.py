@@ -37,6 +37,11 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return loss, (targets != -100).sum().to(torch.float64)
 
 
+def target_count(batch: dict[str, Any]) -> float:
+    """Tokens the loss is computed on: labels shifted by one, as in token_loss_sum."""
+    return float((batch["labels"][:, 1:] != -100).sum())
+
+
 def estimate_total_steps(recipe: Recipe, total_records: int, world_size: int) -> int:
     """Without max_steps: the longest rank's batches per epoch, in optimizer steps."""
     t = recipe.training
@@ -95,15 +100,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
         seed=t.seed,
     )
     seen_ids: list[str] | None = [] if d.record_audit else None
-    train_stream = RankStream(load_shards(d.train, "train", text=text), tokenizer, settings,
-                              rank=rank, world_size=world, seen_ids=seen_ids)
+    train_stream = RankStream(
+        load_shards(d.train, "train", text=text),
+        tokenizer,
+        settings,
+        rank=rank,
+        world_size=world,
+        seen_ids=seen_ids,
+    )
     streams: dict[str, Any] = {"train": train_stream}
     eval_spec = d.eval or (d.train if has_split(d.train, "eval") else None)
     eval_stream = None
     if eval_spec is not None:
         eval_settings = StreamSettings(**{**settings.__dict__, "shuffle_shards": False})
-        eval_stream = RankStream(load_shards(eval_spec, "eval", text=text), tokenizer,
-                                 eval_settings, rank=rank, world_size=world)
+        eval_stream = RankStream(
+            load_shards(eval_spec, "eval", text=text),
+            tokenizer,
+            eval_settings,
+            rank=rank,
+            world_size=world,
+        )
     for stream in (train_stream, eval_stream):
         if stream is not None:
             errors = [e for e in gather_object([stream.first_error()]) if e]
@@ -125,26 +141,41 @@ def train(recipe: Recipe) -> dict[str, Any]:
         log.info("resumed from %s at step %d", resume_from, state["step"])
     shards_per_rank = gather_object([train_stream.shard_count])
     if accelerator.is_main_process:
-        print(render_run_card(recipe, live, model=model, shards_per_rank=list(shards_per_rank),
-                              records=train_stream.total, total_steps=total_steps,
-                              resume_from=resume_from, start_step=state["step"]), flush=True)
+        print(
+            render_run_card(
+                recipe,
+                live,
+                model=model,
+                shards_per_rank=list(shards_per_rank),
+                records=train_stream.total,
+                total_steps=total_steps,
+                resume_from=resume_from,
+                start_step=state["step"],
+            ),
+            flush=True,
+        )
     if recipe.logging.tensorboard or recipe.logging.wandb:
         accelerator.init_trackers("raft-dist", config=_flat_config(recipe))
-    metrics = MetricsLog(accelerator, run_dir, total_steps, state["step"], recipe.logging.progress_bar)
+    metrics = MetricsLog(
+        accelerator, run_dir, total_steps, state["step"], recipe.logging.progress_bar
+    )
 
     # ---- loop ----------------------------------------------------------------------------
     accum = t.gradient_accumulation_steps
     pad = padding_batch(tokenizer)
     if eval_stream is not None and t.eval_at_start and state["step"] == 0:
-        _record_eval(state, 0, evaluate(accelerator, model, eval_stream, pad, t.eval_batches),
-                     metrics)
+        _record_eval(
+            state, 0, evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics
+        )
     steps_this_run, steps_this_epoch = 0, 0
     model.train()
     while state["step"] < total_steps:
         started = time.perf_counter()
         window = [train_stream.next_batch() for _ in range(accum)]
-        local = [sum(float((b["labels"] != -100).sum()) for b in window if b is not None),
-                 sum(1.0 for b in window if b is not None)]
+        local = [
+            sum(target_count(b) for b in window if b is not None),
+            sum(1.0 for b in window if b is not None),
+        ]
         global_tokens, global_batches = _gather_sums(accelerator, local)
         if global_batches == 0:  # every rank finished its range: the epoch is over
             if steps_this_epoch == 0:
@@ -185,19 +216,23 @@ def train(recipe: Recipe) -> dict[str, Any]:
         step = state["step"]
         elapsed = time.perf_counter() - started
         if step % t.log_every == 0 or step == total_steps:
-            metrics.log(step, {
-                "loss": window_loss / max(global_tokens, 1.0),
-                "lr": step_lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "target_tokens": global_tokens,
-                "tokens_per_s": window_inputs / max(elapsed, 1e-9),
-                "epoch": train_stream.state.epoch,
-            })
+            metrics.log(
+                step,
+                {
+                    "loss": window_loss / max(global_tokens, 1.0),
+                    "lr": step_lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "target_tokens": global_tokens,
+                    "tokens_per_s": window_inputs / max(elapsed, 1e-9),
+                    "epoch": train_stream.state.epoch,
+                },
+            )
         metrics.advance()
 
         if eval_stream is not None and t.eval_every and step % t.eval_every == 0:
-            _record_eval(state, step, evaluate(accelerator, model, eval_stream, pad, t.eval_batches),
-                         metrics)
+            _record_eval(
+                state, step, evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics
+            )
         stopping = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
             path = save_checkpoint(accelerator, checkpoint_root, step, streams, state, t.keep_last)
@@ -213,8 +248,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     metrics.close()
     already_evaluated = bool(state["evals"]) and state["evals"][-1]["step"] == state["step"]
     if eval_stream is not None and not already_evaluated:
-        _record_eval(state, state["step"],
-                     evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics)
+        _record_eval(
+            state,
+            state["step"],
+            evaluate(accelerator, model, eval_stream, pad, t.eval_batches),
+            metrics,
+        )
     final_dir = run_dir / "final"
     if recipe.output.save_final_model:
         save_final_model(accelerator, model, tokenizer, final_dir)
@@ -274,8 +313,9 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, final_dir: Pa
     if accelerator.is_main_process:
         tmp = final_dir.with_name(final_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
-                                                        safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True
+        )
         tokenizer.save_pretrained(tmp)
         if final_dir.exists():
             shutil.rmtree(final_dir)
@@ -283,7 +323,9 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, final_dir: Pa
     accelerator.wait_for_everyone()
 
 
-def _summarize(accelerator: Any, recipe: Recipe, state: dict, streams: dict, final_dir: Path) -> dict:
+def _summarize(
+    accelerator: Any, recipe: Recipe, state: dict, streams: dict, final_dir: Path
+) -> dict:
     stream = streams["train"]
     counts = [*stream.lengths.as_dict().values(), float(stream.skipped)]
     examples, truncated, dropped, skipped = _gather_sums(accelerator, counts)
@@ -307,9 +349,11 @@ def _summary_text(summary: dict, run_dir: Path) -> str:
     if evals:
         trail = " -> ".join(f"{e['eval_loss']:.4f} (step {e['step']})" for e in evals)
         lines.append(f"  eval loss      {trail}")
-    lines.append(f"  examples       {summary['examples_tokenized']} tokenized, "
-                 f"{summary['truncated']} truncated, {summary['dropped_overlong']} dropped as "
-                 f"overlong, {summary['skipped_invalid']} skipped as invalid")
+    lines.append(
+        f"  examples       {summary['examples_tokenized']} tokenized, "
+        f"{summary['truncated']} truncated, {summary['dropped_overlong']} dropped as "
+        f"overlong, {summary['skipped_invalid']} skipped as invalid"
+    )
     if summary["model_dir"]:
         lines.append(f"  model          {summary['model_dir']}")
     lines.append(f"  metrics        {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir})")

@@ -12,8 +12,9 @@ from typing import Any
 class MetricsLog:
     """Main process only: one JSON line per logged step, mirrored to TensorBoard/W&B."""
 
-    def __init__(self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int,
-                 progress_bar: bool) -> None:
+    def __init__(
+        self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, progress_bar: bool
+    ) -> None:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.path = run_dir / "metrics.jsonl"
@@ -22,8 +23,9 @@ class MetricsLog:
         if self.enabled and progress_bar:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         values = {**values, "elapsed_s": round(time.monotonic() - self.started, 3)}
@@ -48,7 +50,9 @@ def configure_logging(level: str, is_main: bool) -> logging.Logger:
     """Only the main process talks at info level; other ranks report warnings and errors."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     logger = logging.getLogger("raft_dist")
-    logger.setLevel(level.upper() if is_main else max(logging.WARNING, logging.getLevelName(level.upper())))
+    logger.setLevel(
+        level.upper() if is_main else max(logging.WARNING, logging.getLevelName(level.upper()))
+    )
     try:
         import transformers
 

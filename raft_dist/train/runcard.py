@@ -37,14 +37,21 @@ def render_run_card(
             f"micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world "
             f"{live.world_size} = {effective} examples per optimizer step",
         ),
-        ("tokens/step", f"up to {effective * recipe.data.max_seq_len:,} "
-                        f"(max_seq_len {recipe.data.max_seq_len})"),
+        (
+            "tokens/step",
+            f"up to {effective * recipe.data.max_seq_len:,} "
+            f"(max_seq_len {recipe.data.max_seq_len})",
+        ),
         ("data", f"{records:,} train records; shards per rank {shards_per_rank}"),
-        ("schedule", f"{total_steps} optimizer steps, {t.lr_schedule} lr {t.lr:g}, "
-                     f"warmup {t.warmup_steps}"),
+        (
+            "schedule",
+            f"{total_steps} optimizer steps, {t.lr_schedule} lr {t.lr:g}, warmup {t.warmup_steps}",
+        ),
         ("resume", f"{resume_from} (step {start_step})" if resume_from else "fresh start"),
         ("output", recipe.output.dir),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = ["=" * 72, "raft-dist run card"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["=" * 72]
+    lines = (
+        ["=" * 72, "raft-dist run card"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["=" * 72]
+    )
     return "\n".join(lines)

@@ -108,7 +108,8 @@ def check_expectations(live: LiveSetup) -> None:
         problems.append(f"ZeRO stage {live.zero_stage}, but the launch asked for {want_stage}")
     if problems:
         raise ConfigError(
-            "the live setup contradicts the launch: " + "; ".join(problems)
+            "the live setup contradicts the launch: "
+            + "; ".join(problems)
             + ". Check the accelerate config (DESIGN pitfalls: use_cpu/--cpu with a DeepSpeed "
             "profile drops DeepSpeed; a MULTI_CPU profile without mpirun runs one process)."
         )
