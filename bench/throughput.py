@@ -35,8 +35,12 @@ RECIPE_PATH = ROOT / "configs" / "tiny.yaml"
 # The train/ folder itself, not the data set root: then no eval split is found and none runs.
 TRAIN_DATA = ROOT / "data" / "demo" / "train"
 WARMUP_STEPS = 2
-DEFAULT_STEPS = 40
+DEFAULT_STEPS = 30
 DEFAULT_PAIRS = 5
+MICRO_BATCH_SIZE = 4
+MAX_SEQ_LEN = 1024
+# A pair is "quiet" when no run in it saw other processes use more than this share of the CPU.
+QUIET_SHARE = 0.10
 LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
 # Ratio name -> (numerator loop, denominator loop, target the median must reach).
 TARGETS: dict[str, tuple[str, str, float]] = {
@@ -57,6 +61,8 @@ class LoopRun:
     step_body_tokens_per_s: float
     losses: list[float] = field(default_factory=list)
     threads_after: int = 0  # torch threads when the run ended: a library changing it shows here
+    # CPU time other processes used during the run, as a share of all cores' time (0 = alone).
+    foreign_cpu_share: float = 0.0
 
 
 # ---- shared inputs -------------------------------------------------------------------------
@@ -72,13 +78,13 @@ def bench_overrides(steps: int, out_dir: Path) -> list[str]:
         f"data.train={TRAIN_DATA}",
         f"training.max_steps={steps}",
         "training.gradient_accumulation_steps=1",
-        "training.micro_batch_size=4",
+        f"training.micro_batch_size={MICRO_BATCH_SIZE}",
         "training.eval_every=0",
         "training.save_every=0",
         "training.warmup_steps=0",
         "training.lr_schedule=constant",
         "training.log_every=1",
-        "data.max_seq_len=1024",
+        f"data.max_seq_len={MAX_SEQ_LEN}",
         "model.dtype=float32",
         "training.mixed_precision='no'",  # quoted: YAML reads a bare no as false
         "output.save_final_model=false",
@@ -337,6 +343,38 @@ def run_hf_trainer(
 # ---- pairs and report ----------------------------------------------------------------------
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all processes have used since boot (every core; /proc/stat, Linux only)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU time used by other processes between two readings.
+
+    On 2 cores a second busy process does not just take its share: torch's OpenMP threads wait
+    for the one that lost its core, and a step can take several times longer. Runs with a high
+    share are flagged so that a ratio from a contended pair is not read as a property of a loop.
+    """
+    wall = after[0] - before[0]
+    foreign = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+def meter_reading() -> tuple[float, float, float]:
+    return time.perf_counter(), machine_busy_s(), own_cpu_s()
+
+
 def run_loop(
     loop: str,
     recipe: Any,
@@ -347,11 +385,15 @@ def run_loop(
 ) -> LoopRun:
     """One timed run of one loop over `batches`, from a reset global state."""
     fresh_process_state(threads)
+    before = meter_reading()
     if loop == "raft_dist":
-        return run_raft_dist(len(batches), tokens, work_dir)
-    if loop == "bare_torch":
-        return run_bare_torch(recipe, batches, tokens)
-    return run_hf_trainer(recipe, batches, tokens, work_dir)
+        run = run_raft_dist(len(batches), tokens, work_dir)
+    elif loop == "bare_torch":
+        run = run_bare_torch(recipe, batches, tokens)
+    else:
+        run = run_hf_trainer(recipe, batches, tokens, work_dir)
+    run.foreign_cpu_share = foreign_share(before, meter_reading())
+    return run
 
 
 def run_pairs(pairs: int, steps: int, log: Any = print) -> dict[str, Any]:
@@ -394,7 +436,12 @@ def ratios(result: dict[str, LoopRun]) -> dict[str, float]:
 def pair_line(pair: int, result: dict[str, LoopRun]) -> str:
     speeds = "  ".join(f"{loop} {result[loop].tokens_per_s:8.0f}" for loop in LOOPS)
     rel = "  ".join(f"{name} {value:.3f}" for name, value in ratios(result).items())
-    return f"pair {pair + 1}: tok/s {speeds} | {rel}"
+    return f"pair {pair + 1}: tok/s {speeds} | {rel} | other load {pair_load(result):.0%}"
+
+
+def pair_load(result: dict[str, LoopRun]) -> float:
+    """The highest share of CPU other processes took during any run of the pair."""
+    return max(run.foreign_cpu_share for run in result.values())
 
 
 def max_loss_gap(runs: list[dict[str, LoopRun]]) -> dict[str, float]:
@@ -414,15 +461,16 @@ def summarize(
 ) -> dict[str, Any]:
     per_pair = [ratios(r) for r in runs]
     medians = {name: statistics.median(p[name] for p in per_pair) for name in TARGETS}
+    quiet = [i for i, r in enumerate(runs) if pair_load(r) <= QUIET_SHARE]
     return {
         "unit": "non-pad input tokens per second (attention-mask sum), steady state",
         "settings": {
             "pairs": len(runs),
             "steps": steps,
             "warmup_steps_excluded": WARMUP_STEPS,
-            "micro_batch_size": 4,
+            "micro_batch_size": MICRO_BATCH_SIZE,
             "gradient_accumulation_steps": 1,
-            "max_seq_len": 1024,
+            "max_seq_len": MAX_SEQ_LEN,
             "dtype": "float32",
             "torch_threads": threads,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
@@ -438,6 +486,12 @@ def summarize(
             loop: statistics.median(r[loop].step_body_tokens_per_s for r in runs) for loop in LOOPS
         },
         "max_loss_gap_to_bare": max_loss_gap(runs),
+        "other_load_per_pair": [pair_load(r) for r in runs],
+        "quiet_pairs": [i + 1 for i in quiet],
+        "median_ratio_quiet_pairs": {
+            name: statistics.median(per_pair[i][name] for i in quiet) if quiet else None
+            for name in TARGETS
+        },
         "targets": {
             name: {
                 "target": target,
@@ -463,6 +517,20 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
             f"  {name:<21} median {verdict['median']:.3f}  target >= {verdict['target']:.2f}"
             f"  {verdict['verdict']}"
         )
+    quiet, pairs = summary["quiet_pairs"], summary["settings"]["pairs"]
+    if len(quiet) < pairs:
+        lines.append(
+            f"  warning: other processes took over {QUIET_SHARE:.0%} of the CPU during "
+            f"{pairs - len(quiet)} of {pairs} pairs; these figures are not reliable"
+        )
+        if quiet:
+            lines.append(
+                f"  median over the {len(quiet)} quiet pair(s) {quiet}: "
+                + ", ".join(
+                    f"{name} {value:.3f}"
+                    for name, value in summary["median_ratio_quiet_pairs"].items()
+                )
+            )
     gaps = summary["max_loss_gap_to_bare"]
     lines.append(
         "  same work check: max |loss - bare loss| "

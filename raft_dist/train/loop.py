@@ -63,7 +63,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     from raft_dist.train.metrics import MetricsLog, configure_logging
     from raft_dist.train.runcard import render_run_card
     from raft_dist.train.schedule import build_scheduler
-    from raft_dist.train.setup import check_expectations, live_setup, make_accelerator
+    from raft_dist.train.setup import (
+        check_expectations,
+        live_setup,
+        make_accelerator,
+        setup_warnings,
+    )
 
     # ---- setup ---------------------------------------------------------------------------
     t, d = recipe.training, recipe.data
@@ -73,6 +78,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     log = configure_logging(recipe.logging.level, accelerator.is_main_process)
     live = live_setup(accelerator)
     check_expectations(live)
+    for warning in setup_warnings(live) if accelerator.is_main_process else []:
+        log.warning(warning)
     resume_from = resolve_resume(t.resume, checkpoint_root)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
