@@ -63,7 +63,7 @@ def throughput_rows(result: dict[str, Any]) -> list[Row]:
         rows.append(
             (
                 f"{name} (median ratio)",
-                f"{verdict['median']:.3f}",
+                f"{verdict['median']:.3f} ({verdict['range'][0]:.2f}-{verdict['range'][1]:.2f})",
                 f">= {verdict['target']}",
                 verdict["verdict"],
             )
@@ -138,6 +138,10 @@ def plot_throughput(result: dict[str, Any], path: Path) -> None:
     for loop in throughput.LOOPS:
         speeds = [run[loop]["tokens_per_s"] for run in result["runs"]]
         ax.plot(pairs, speeds, marker="o", label=loop)
+    for pair, load in enumerate(result["other_load_per_pair"], start=1):
+        if load > throughput.QUIET_SHARE:
+            ax.axvspan(pair - 0.4, pair + 0.4, color="grey", alpha=0.2, lw=0)
+            ax.annotate(f"other load {load:.0%}", (pair, 0), ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("pair (runs in the order raft_dist, bare_torch, hf_trainer)")
     ax.set_ylabel("non-pad input tokens / s")
     ax.set_xticks(pairs)

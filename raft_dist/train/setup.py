@@ -40,6 +40,10 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
     if recipe.logging.tensorboard:
         trackers.append("tensorboard")
     if recipe.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs wandb: pip install 'raft-dist[wandb]'")
         os.environ.setdefault("WANDB_MODE", "offline")
         trackers.append("wandb")
     mixed = recipe.training.mixed_precision
