@@ -75,7 +75,9 @@ BENCHMARKS = [
     Benchmark("cli_startup", lambda a: cli_startup.measure(a.runs), cli_rows),
     Benchmark(
         "throughput",
-        lambda a: throughput.run_pairs(a.pairs, a.steps, log=lambda line: print(line, flush=True)),
+        lambda a: throughput.run_pairs(
+            a.pairs, a.steps, a.quiet_wait, log=lambda line: print(line, flush=True)
+        ),
         throughput_rows,
     ),
 ]
@@ -165,6 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=throughput.DEFAULT_PAIRS)
     parser.add_argument("--steps", type=int, default=throughput.DEFAULT_STEPS)
     parser.add_argument("--runs", type=int, default=cli_startup.DEFAULT_RUNS)
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=throughput.DEFAULT_QUIET_WAIT_S,
+        metavar="S",
+        help="seconds in all to wait for other load to leave the CPU",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--only", nargs="*", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks"

@@ -94,6 +94,9 @@ class TrainingConfig:
     resume: str | None = None
     log_every: int = field(default=1, metadata=_range(1))
     gradient_checkpointing: bool = False
+    # Where DeepSpeed keeps the ops it compiles on first use (TORCH_EXTENSIONS_DIR);
+    # null keeps the environment's value or ~/.cache/torch_extensions.
+    ops_cache_dir: str | None = None
 
 
 @dataclass

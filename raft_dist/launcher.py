@@ -7,6 +7,7 @@ DeepSpeed profile), and tells the ranks what they must find when they start.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,9 +15,10 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from raft_dist.errors import ConfigError
-from raft_dist.resources import entry_script, resolve_profile
+from raft_dist.resources import entry_script, resolve_profile, resource_dir
 from raft_dist.train.setup import EXPECT_ENGINE, EXPECT_WORLD_SIZE, EXPECT_ZERO_STAGE
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
@@ -84,8 +86,19 @@ def plan_launch(
     if num_processes < 1:
         raise ConfigError(f"--profile {profile}: num_processes must be set (got {num_processes})")
     stage = None
-    if deepspeed and cfg.deepspeed_config:
-        stage = cfg.deepspeed_config.get("zero_stage")
+    ds_args: list[str] = []
+    if deepspeed:
+        ds_file = _option(accelerate_args, "deepspeed_config_file") or (
+            (cfg.deepspeed_config or {}).get("deepspeed_config_file")
+        )
+        if ds_file:
+            ds_path = resolve_ds_config(ds_file)
+            stage = read_ds_config(ds_path)["zero_optimization"].get("stage", 0)
+            if _option(accelerate_args, "deepspeed_config_file") is None:
+                # Absolute, so the profile works from any working folder and from a wheel.
+                ds_args = ["--deepspeed_config_file", str(ds_path)]
+        else:
+            stage = (cfg.deepspeed_config or {}).get("zero_stage")
     engine = "deepspeed" if deepspeed else ("ddp" if num_processes > 1 else "single")
 
     env: dict[str, str] = {
@@ -113,6 +126,50 @@ def plan_launch(
         *overrides,
     ]
     return LaunchPlan(command, env, num_processes, engine, stage, num_machines)
+
+
+def resolve_ds_config(name: str) -> Path:
+    """A relative DeepSpeed config path is tried from the working folder, then from where
+    raft-dist keeps its ds_configs/ (so profiles work from a checkout and from a wheel)."""
+    path = Path(name)
+    if not path.is_absolute() and not path.is_file():
+        # Not found from the working folder: fall back to the shipped copy.
+        shipped = resource_dir("ds_configs") / path.name
+        if shipped.is_file():
+            return shipped
+    if not path.is_file():
+        raise ConfigError(f"deepspeed_config_file: no such file {name}")
+    return path.resolve()
+
+
+def read_ds_config(path: Path) -> dict:
+    """Load a DeepSpeed JSON and refuse what raft-dist owns itself."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"deepspeed_config_file {path}: not valid JSON: {exc}") from None
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise ConfigError(
+                f"deepspeed_config_file {path}: remove the '{owned}' section; raft-dist builds "
+                "the optimizer and LR schedule from the recipe (training.lr, training.lr_schedule)"
+                " and picks DeepSpeedCPUAdam itself when the optimizer is offloaded"
+            )
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ConfigError(
+            f"deepspeed_config_file {path}: ZeRO-3 needs "
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save: true, or the final "
+            "model cannot be saved (Accelerate fills 'auto' with false)"
+        )
+    for part in ("offload_optimizer", "offload_param"):
+        device = (zero.get(part) or {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"deepspeed_config_file {path}: {part}.device {device!r} is not "
+                              "one of none, cpu, nvme")
+    if (zero.get("offload_param") or {}).get("device", "none") != "none" and zero.get("stage") != 3:
+        raise ConfigError(f"deepspeed_config_file {path}: offload_param needs ZeRO stage 3")
+    return config
 
 
 def describe(plan: LaunchPlan) -> str:

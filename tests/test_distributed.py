@@ -61,6 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "gradient_accumulation_steps": 2,
             "epochs": 1,
             "save_every": 3,
+            "keep_last": 1,
             "eval_every": 4,
         },
     }
@@ -107,6 +108,8 @@ def test_epoch_ends_together_after_padding_window(runs: dict) -> None:
 
 def test_resume_is_exact(runs: dict) -> None:
     assert runs["stopped_checkpoints"] == ["step-00000003"]
+    kept = sorted(p.name for p in (runs["a"] / "checkpoints").iterdir())
+    assert kept == ["step-00000006"]  # keep_last=1 pruned step 3
     losses_a, losses_b = train_losses(runs["a"]), train_losses(runs["b"])
     assert sorted(losses_b) == list(range(1, 9))
     assert losses_a == losses_b

@@ -3,6 +3,7 @@ up-to-date re-runs, and every bad input as one clear error line."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -219,7 +220,7 @@ def test_bm25_distractors_are_closer_to_the_question_than_random(
     means = {}
     for method in ("random", "bm25"):
         out = tmp_path / method
-        generate([str(corpus)], out, GenerateOptions(**{**options.__dict__, "distractors": method}))
+        generate([str(corpus)], out, dataclasses.replace(options, distractors=method))
         scores = [
             index.score(record.question, chunk_id[doc.text])
             for _, _, record in read_split(out, "train")
@@ -283,6 +284,11 @@ def test_rerun_is_up_to_date_and_other_settings_need_overwrite(
     assert run_main(*args, "--seed", "4", "--overwrite") == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["generator"]["settings"]["seed"] == 4
+    # A failing --overwrite run leaves the previous data set alone.
+    bad = write_bytes(tmp_path / "bad.txt", b"\xff\xfe")
+    assert run_main(*args, "--seed", "5", "--overwrite", str(bad)) == 2
+    assert "bad.txt: not UTF-8 text" in capsys.readouterr().err
+    assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
 def test_split_by_question(corpus: Path, tmp_path: Path) -> None:
@@ -446,6 +452,17 @@ def test_bad_options(
     assert run_main(*args, "--num-distractors", "1", *extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_sources_without_a_sentence_to_ask_about(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    source = write_bytes(tmp_path / "list.md", b"# Items\n\n" + b"- red apple\n- green pear\n" * 20)
+    out = tmp_path / "out"
+    args = ["--num-distractors", "0", "--eval-fraction", "0", "--no-progress"]
+    assert run_main("generate", str(source), "--out", str(out), *args) == 2
+    assert "found nothing to ask in 1 chunks" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -15,6 +15,7 @@ import math
 import random
 import re
 from array import array
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -82,12 +83,8 @@ class RandomPicker:
 
 
 class Bm25Index:
-    """Okapi BM25 over chunk texts with an inverted index.
-
-    A query scans the postings of its rarest terms first and stops adding terms once
-    `max_postings` postings were scanned: very common terms carry little weight (low IDF) but
-    would dominate the cost on a large corpus.
-    """
+    """Okapi BM25 over chunk texts with an inverted index (see `ranked` for how a query stays
+    cheap on a large corpus)."""
 
     def __init__(
         self,
@@ -95,7 +92,7 @@ class Bm25Index:
         *,
         k1: float = 1.2,
         b: float = 0.75,
-        max_postings: int = 60_000,
+        max_postings: int = 4_000,
         progress: bool = False,
         total: int | None = None,
     ) -> None:
@@ -132,25 +129,42 @@ class Bm25Index:
     def idf(self, df: int) -> float:
         return math.log(1.0 + (self.size - df + 0.5) / (df + 0.5))
 
-    def _query_lists(self, query: str) -> list[tuple[array, array]]:
-        lists = [self.postings[t] for t in set(tokens(query)) if t in self.postings]
-        lists.sort(key=lambda entry: (len(entry[0]), entry[0][0]))
-        chosen, scanned = [], 0
-        for entry in lists:
-            if chosen and scanned + len(entry[0]) > self.max_postings:
-                break
-            chosen.append(entry)
-            scanned += len(entry[0])
-        return chosen
+    def ranked(self, query: str, want: int) -> list[tuple[int, float]]:
+        """Up to `want` (chunk id, score) pairs, best first.
 
-    def scores(self, query: str) -> dict[int, float]:
-        """Chunk id -> BM25 score for every chunk sharing a scanned term with the query."""
-        scores: dict[int, float] = {}
+        The rarest query terms are scanned in full until `max_postings` postings were read; the
+        remaining, common terms (low IDF, long postings) are then added only to the leading
+        candidates by binary search. So the cost per query stays bounded on any corpus, and the
+        leading candidates carry their exact BM25 score.
+        """
+        lists = [self.postings[t] for t in set(tokens(query)) if t in self.postings]
+        if not lists or want <= 0:
+            return []
+        lists.sort(key=lambda entry: (len(entry[0]), entry[0][0]))
+        full, rest, scanned = [], [], 0
+        for entry in lists:
+            if full and scanned + len(entry[0]) > self.max_postings:
+                rest.append(entry)
+            else:
+                full.append(entry)
+                scanned += len(entry[0])
+        scores = dict(zip(*full[-1], strict=True))  # the longest list at C speed
         get = scores.get
-        for ids, weights in self._query_lists(query):
+        for ids, weights in full[:-1]:
             for doc, weight in zip(ids, weights, strict=True):
                 scores[doc] = get(doc, 0.0) + weight
-        return scores
+        top = _best(scores, want)
+        if not rest:
+            return top
+        refined = []
+        for doc, score in top:
+            for ids, weights in rest:
+                i = bisect_left(ids, doc)
+                if i < len(ids) and ids[i] == doc:
+                    score += weights[i]
+            refined.append((doc, score))
+        refined.sort(key=itemgetter(1), reverse=True)  # stable: ties keep their order
+        return refined
 
     def score(self, query: str, doc: int) -> float:
         """One chunk's exact BM25 score (all query terms); for checks and tests."""
@@ -160,29 +174,29 @@ class Bm25Index:
             if entry is None:
                 continue
             ids, weights = entry
-            lo, hi = 0, len(ids)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if ids[mid] < doc:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo < len(ids) and ids[lo] == doc:
-                total += weights[lo]
+            i = bisect_left(ids, doc)
+            if i < len(ids) and ids[i] == doc:
+                total += weights[i]
         return total
 
     def top(self, query: str, pool: Pool, exclude: set[int], count: int) -> list[int]:
         """The `count` best allowed chunks, best first (ties in a fixed, deterministic order)."""
-        scores = self.scores(query)
-        if not scores or count <= 0:
-            return []
-        want = count + len(exclude)
-        ranked = heapq.nlargest(want * 4 + 8, scores.items(), key=itemgetter(1))
+        want = (count + len(exclude)) * 4 + 8
+        ranked = self.ranked(query, want)
         picked = _filter(ranked, pool, exclude, count)
-        if len(picked) < count and len(ranked) < len(scores):
-            ranked = sorted(scores.items(), key=itemgetter(1), reverse=True)
-            picked = _filter(ranked, pool, exclude, count)
+        if len(picked) < count and len(ranked) == want:  # many leaders were not allowed
+            picked = _filter(self.ranked(query, want * 16), pool, exclude, count)
         return picked
+
+
+def _best(scores: dict[int, float], want: int) -> list[tuple[int, float]]:
+    """The `want` best items (more on ties), best first; cheaper than nlargest with a key."""
+    if len(scores) <= want:
+        return sorted(scores.items(), key=itemgetter(1), reverse=True)
+    threshold = heapq.nlargest(want, scores.values())[-1]
+    best = [(doc, score) for doc, score in scores.items() if score >= threshold]
+    best.sort(key=itemgetter(1), reverse=True)
+    return best
 
 
 def _filter(

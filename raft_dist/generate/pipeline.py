@@ -24,6 +24,7 @@ from raft_dist import __version__
 from raft_dist.data.records import Document, RaftRecord, to_json
 from raft_dist.errors import ConfigError, DataError, RaftDistError
 from raft_dist.generate.chunking import (
+    Chunk,
     Corpus,
     check_chunking,
     find_sources,
@@ -31,8 +32,8 @@ from raft_dist.generate.chunking import (
     load_corpus,
 )
 from raft_dist.generate.distractors import Pool, make_picker
-from raft_dist.generate.questions import make_backend
-from raft_dist.generate.writer import ShardWriter, fingerprint, prepare
+from raft_dist.generate.questions import MAX_WORDS, MIN_WORDS, QA, Backend, make_backend
+from raft_dist.generate.writer import ShardWriter, clear, fingerprint, prepare, tidy
 
 GENERATOR_NAME = "raft-dist generate"
 
@@ -127,6 +128,7 @@ def generate(
     settings = _settings(options, [asdict(hash_source(f)) for f in files])
     status = prepare(out, settings, overwrite=overwrite)
     if status == "up to date":
+        tidy(out)
         return GenerateResult("up to date", out)
 
     corpus = load_corpus(files, options.chunk_size, options.chunk_overlap, progress=progress)
@@ -135,7 +137,10 @@ def generate(
             raise DataError(seen.path, None, "the file changed while it was being read")
     plan = _plan(corpus, options)
     backend = make_backend(options.backend)
+    _check_questions(corpus, backend)
     picker = make_picker(options.distractors, [c.text for c in corpus.chunks], progress=progress)
+    if status == "replace":
+        clear(out)  # only now: a failed run must not destroy the previous data set
 
     from tqdm import tqdm
 
@@ -143,6 +148,7 @@ def generate(
     resumed = writer.done > 0
     counters = {"records": 0, "with_oracle": 0, **writer.counters}
     chunks = corpus.chunks
+    make = _RecordMaker(corpus, plan, options, picker)
     try:
         with tqdm(
             total=len(chunks),
@@ -155,30 +161,10 @@ def generate(
                 chunk = chunks[plan.order[position]]
                 rng = random.Random(f"{options.seed}:{chunk.id}")
                 for j, qa in enumerate(backend.questions(chunk, options.questions_per_chunk, rng)):
-                    split = plan.split_of(chunk.id, rng)
-                    pool = plan.train_pool if split == "train" else plan.all_pool
-                    keep = rng.random() < options.p_oracle
-                    count = options.num_distractors + (0 if keep else 1)
-                    ids = picker.pick(qa.question, chunk.id, pool, count, rng)
-                    if keep:
-                        ids.append(chunk.id)
-                    rng.shuffle(ids)
-                    record = RaftRecord(
-                        id=f"c{chunk.id:07d}-q{j}",
-                        question=qa.question,
-                        documents=tuple(
-                            Document(text=chunks[i].text, title=chunks[i].title) for i in ids
-                        ),
-                        oracle_index=ids.index(chunk.id) if keep else None,
-                        oracle=chunk.text,
-                        cot_answer=qa.cot_answer,
-                    )
-                    obj = to_json(record)
-                    obj["meta"] = {"chunk": chunk.id, "source": corpus.sources[chunk.source].path}
-                    line = json.dumps(obj, ensure_ascii=False) + "\n"
-                    writer.write(split, line.encode("utf-8"))
+                    split, line, with_oracle = make(chunk, j, qa, rng)
+                    writer.write(split, line)
                     counters["records"] += 1
-                    counters["with_oracle"] += keep
+                    counters["with_oracle"] += with_oracle
                 writer.checkpoint(position + 1, counters)
                 bar.update(1)
                 if on_chunk is not None:
@@ -197,6 +183,46 @@ def generate(
     }
     manifest = writer.finish(generator)
     return GenerateResult("resumed" if resumed else "generated", out, manifest)
+
+
+class _RecordMaker:
+    """One question -> (split, JSONL line, oracle kept?), drawing only from the chunk's rng."""
+
+    def __init__(self, corpus: Corpus, plan: _Plan, options: GenerateOptions, picker) -> None:
+        self.corpus, self.plan, self.options, self.picker = corpus, plan, options, picker
+
+    def __call__(self, chunk: Chunk, j: int, qa: QA, rng: random.Random) -> tuple[str, bytes, bool]:
+        chunks, options = self.corpus.chunks, self.options
+        split = self.plan.split_of(chunk.id, rng)
+        pool = self.plan.train_pool if split == "train" else self.plan.all_pool
+        keep = rng.random() < options.p_oracle
+        count = options.num_distractors + (0 if keep else 1)
+        ids = self.picker.pick(qa.question, chunk.id, pool, count, rng)
+        if keep:
+            ids.append(chunk.id)
+        rng.shuffle(ids)
+        record = RaftRecord(
+            id=f"c{chunk.id:07d}-q{j}",
+            question=qa.question,
+            documents=tuple(Document(text=chunks[i].text, title=chunks[i].title) for i in ids),
+            oracle_index=ids.index(chunk.id) if keep else None,
+            oracle=chunk.text,
+            cot_answer=qa.cot_answer,
+        )
+        obj = to_json(record)
+        obj["meta"] = {"chunk": chunk.id, "source": self.corpus.sources[chunk.source].path}
+        return split, (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8"), keep
+
+
+def _check_questions(corpus: Corpus, backend: Backend) -> None:
+    """Fail before writing when no chunk yields a question (usually decided by chunk 0)."""
+    for chunk in corpus.chunks:
+        if backend.questions(chunk, 1, random.Random(0)):
+            return
+    raise RaftDistError(
+        f"the {backend.name} backend found nothing to ask in {len(corpus.chunks)} chunks: it "
+        f"needs sentences of {MIN_WORDS} to {MAX_WORDS} words that end with a full stop"
+    )
 
 
 def _settings(options: GenerateOptions, sources: list[dict[str, Any]]) -> dict[str, Any]:

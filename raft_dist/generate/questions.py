@@ -54,7 +54,7 @@ _PREPOSITIONS = frozenset(
 )
 _TRAILING = ".!\"')]\u201d\u2019 "
 _FORBIDDEN = (BEGIN_QUOTE, END_QUOTE, ANSWER_TAG)
-_MIN_WORDS, _MAX_WORDS = 5, 60
+MIN_WORDS, MAX_WORDS = 5, 60
 
 _OPENERS = (
     "The question is about {title}, so look for the document about {title}.",
@@ -74,7 +74,7 @@ def _candidates(text: str) -> list[str]:
                 continue
             if "?" in sentence or any(marker in sentence for marker in _FORBIDDEN):
                 continue
-            if _MIN_WORDS <= sentence.count(" ") + 1 <= _MAX_WORDS:
+            if MIN_WORDS <= sentence.count(" ") + 1 <= MAX_WORDS:
                 found.append(sentence)
     return found
 

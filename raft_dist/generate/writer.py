@@ -74,8 +74,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def prepare(out: Path, settings: dict[str, Any], *, overwrite: bool) -> str:
-    """Decide what to do with `out`: 'up to date', 'resume' or 'fresh' (after clearing an old
-    data set when `overwrite`). Different settings without `overwrite` are an error."""
+    """Decide what to do with `out` without touching it: 'up to date', 'resume', 'fresh', or
+    'replace' (clear it first; only with `overwrite`, else different settings are an error)."""
     if out.exists() and not out.is_dir():
         raise DataError(out, None, "exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -104,8 +104,7 @@ def prepare(out: Path, settings: dict[str, Any], *, overwrite: bool) -> str:
             f"{out} holds a data set made with different settings (changed: {changed}); "
             "pass --overwrite to replace it"
         )
-    clear(out)
-    return "fresh"
+    return "replace"
 
 
 def clear(out: Path) -> None:
@@ -121,6 +120,12 @@ def clear(out: Path) -> None:
                 shard.unlink()
             if not any(folder.iterdir()):
                 folder.rmdir()
+
+
+def tidy(out: Path) -> None:
+    """Drop a checkpoint left behind by a run killed after its manifest was written."""
+    (out / PROGRESS).unlink(missing_ok=True)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
 def _read_header(path: Path) -> dict | None:

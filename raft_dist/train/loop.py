@@ -61,12 +61,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
     from raft_dist.model import load_model, load_tokenizer
     from raft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from raft_dist.train.metrics import MetricsLog, configure_logging
+    from raft_dist.train.optim import build_optimizer
     from raft_dist.train.runcard import render_run_card
     from raft_dist.train.schedule import build_scheduler
     from raft_dist.train.setup import (
         check_expectations,
+        fill_deepspeed_batch,
         live_setup,
         make_accelerator,
+        model_init_context,
         setup_warnings,
     )
 
@@ -90,7 +93,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, tokenizer)
+    with model_init_context(accelerator):
+        model = load_model(recipe.model, tokenizer)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -135,10 +139,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     total_steps = estimate_total_steps(recipe, train_stream.total, world)
 
     # ---- prepare -------------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-    )
+    optimizer = build_optimizer(accelerator, model, recipe)
     scheduler = build_scheduler(optimizer, t, total_steps)
+    fill_deepspeed_batch(accelerator, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 

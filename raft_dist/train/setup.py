@@ -8,7 +8,10 @@ dropped by a CPU flag).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from raft_dist.config import Recipe
@@ -27,9 +30,42 @@ def on_cpu() -> bool:
     return forced or not torch.cuda.is_available()
 
 
+def using_deepspeed() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes")
+
+
+def ops_cache_dir(recipe: Recipe) -> Path:
+    if recipe.training.ops_cache_dir:
+        os.environ["TORCH_EXTENSIONS_DIR"] = recipe.training.ops_cache_dir
+    default = Path.home() / ".cache" / "torch_extensions"
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", default))
+
+
+def announce_op_compilation(recipe: Recipe, ops: list[str], is_main: bool) -> None:
+    """DeepSpeed compiles CPU ops silently on first use (~1 min each on 2 cores): say so."""
+    cache = ops_cache_dir(recipe)
+    missing = [op for op in ops if not any(cache.glob(f"*/{op}/*.so"))]
+    if missing and is_main:
+        print(
+            f"DeepSpeed compiles {', '.join(missing)} on first use (about a minute each on 2 "
+            f"cores); later runs reuse the cache in {cache} (training.ops_cache_dir or "
+            "TORCH_EXTENSIONS_DIR).",
+            flush=True,
+        )
+
+
 def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
+
+    if using_deepspeed():
+        # DeepSpeed clips by its own config ("auto" is filled from this); Accelerate's
+        # clip_grad_norm_ only reports the norm under DeepSpeed.
+        clip = recipe.training.max_grad_norm
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(clip) if clip > 0 else "0.0"
+        if on_cpu():
+            announce_op_compilation(recipe, ["deepspeed_shm_comm"],
+                                    os.environ.get("RANK", "0") == "0")
 
     handlers = []
     if on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -77,6 +113,38 @@ def setup_warnings(live: LiveSetup) -> list[str]:
             "10x slower than fp32 here; consider training.mixed_precision=no"
         )
     return warnings
+
+
+def fill_deepspeed_batch(accelerator: Any, recipe: Recipe) -> None:
+    """DeepSpeed fills "auto" batch sizes from a prepared DataLoader; raft-dist streams its own
+    batches, so it states the micro batch itself."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            recipe.training.micro_batch_size
+        )
+
+
+@contextmanager
+def model_init_context(accelerator: Any) -> Iterator[None]:
+    """Build the model outside deepspeed.zero.Init unless the profile asks for it.
+
+    Accelerate registers the ZeRO-3 config with transformers even when zero3_init_flag is false,
+    and transformers then builds random weights partition by partition, which draws different
+    random numbers than DDP would. With the flag off the model is built whole, as on DDP; with
+    it on, large models load partitioned (pretrained weights are the same either way).
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.is_zero3_init_enabled():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 @dataclass
