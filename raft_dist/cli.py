@@ -8,6 +8,7 @@ import sys
 import click
 
 from raft_dist import __version__
+from raft_dist.cli_generate import generate, validate
 from raft_dist.errors import RaftDistError
 
 RECIPE_HELP = "Training recipe (YAML), e.g. configs/tiny.yaml."
@@ -96,6 +97,10 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
     code = run(plan)
     if code != 0:
         raise RaftDistError(f"training exited with code {code} (see the messages above)")
+
+
+cli.add_command(generate)
+cli.add_command(validate)
 
 
 def main(argv: list[str] | None = None) -> int:

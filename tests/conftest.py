@@ -31,6 +31,10 @@ def offline_env(**extra: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
+        # One cache for DeepSpeed's compiled ops across the whole test run (and later runs).
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")
+        ),
     )
     env.pop("RAFT_DIST_EXPECT_WORLD_SIZE", None)
     env.update(extra)

@@ -246,10 +246,21 @@ def stop_after(k: int):
     return hook
 
 
-def test_resume_after_interruption_is_byte_identical(corpus: Path, tmp_path: Path) -> None:
-    options = GenerateOptions(chunk_size=300, shard_size=7, eval_fraction=0.2, seed=9)
-    whole = tmp_path / "whole"
-    generate([str(corpus)], whole, options)
+RESUME_OPTIONS = GenerateOptions(chunk_size=300, shard_size=7, eval_fraction=0.2, seed=9)
+
+
+@pytest.fixture(scope="module")
+def whole(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run that resumed runs must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("whole") / "set"
+    generate([str(corpus)], out, RESUME_OPTIONS)
+    return out
+
+
+def test_resume_after_interruption_is_byte_identical(
+    corpus: Path, whole: Path, tmp_path: Path
+) -> None:
+    options = RESUME_OPTIONS
     parts = tmp_path / "parts"
     with pytest.raises(Stop):
         generate([str(corpus)], parts, options, on_chunk=stop_after(5), sync_interval=0.0)
@@ -264,6 +275,42 @@ def test_resume_after_interruption_is_byte_identical(corpus: Path, tmp_path: Pat
         generate([str(corpus)], parts, options, on_chunk=stop_after(17))
     result = generate([str(corpus)], parts, options)
     assert result.status == "resumed"
+    assert tree_bytes(parts) == tree_bytes(whole)
+
+
+KILLER = """
+import os, signal, sys
+from raft_dist.generate import writer
+from raft_dist.generate.pipeline import GenerateOptions, generate
+
+original, calls = writer.ShardWriter.write, [0]
+
+def write(self, split, line):
+    original(self, split, line)
+    calls[0] += 1
+    if calls[0] == int(sys.argv[3]):  # mid-chunk, with records still in Python's buffers
+        os.kill(os.getpid(), signal.SIGKILL)
+
+writer.ShardWriter.write = write
+options = GenerateOptions(chunk_size=300, shard_size=7, eval_fraction=0.2, seed=9)
+generate([sys.argv[1]], sys.argv[2], options)
+"""
+
+
+def test_resume_after_sigkill_is_byte_identical(corpus: Path, whole: Path, tmp_path: Path) -> None:
+    parts = tmp_path / "killed"
+    for at in ("23", "61"):
+        result = subprocess.run(
+            [sys.executable, "-c", KILLER, str(corpus), str(parts), at],
+            capture_output=True,
+            text=True,
+            env=offline_env(),
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert result.returncode == -9, result.stderr
+        assert not (parts / "manifest.json").exists()
+    assert generate([str(corpus)], parts, RESUME_OPTIONS).status == "resumed"
     assert tree_bytes(parts) == tree_bytes(whole)
 
 
