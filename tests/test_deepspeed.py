@@ -41,7 +41,7 @@ def launch(recipe: Path, profile: str, *overrides: str) -> subprocess.CompletedP
 
 
 def rank_facts(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank?.json"))]
 
 
 def seen_ids(run_dir: Path) -> list[str]:

@@ -272,6 +272,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
         print(_summary_text(summary, run_dir), flush=True)
     _write_audit(run_dir, rank, seen_ids)
+    _write_rank_peak_memory(run_dir, rank)
     accelerator.end_training()
     return summary
 
@@ -377,6 +378,16 @@ def _write_audit(run_dir: Path, rank: int, seen_ids: list[str] | None) -> None:
     audit.mkdir(exist_ok=True)
     with (audit / f"seen_ids_rank{rank}.txt").open("a", encoding="utf-8") as handle:
         handle.writelines(f"{i}\n" for i in seen_ids)
+
+
+def _write_rank_peak_memory(run_dir: Path, rank: int) -> None:
+    """Peak resident memory of this rank (Linux ru_maxrss is in KiB), for memory benchmarks."""
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (run_dir / "ranks" / f"rank{rank}_peak.json").write_text(
+        json.dumps({"rank": rank, "peak_rss_mib": round(peak_mib, 1)}), encoding="utf-8"
+    )
 
 
 def _write_rank_facts(run_dir: Path, live: Any) -> None:
