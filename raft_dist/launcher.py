@@ -119,6 +119,7 @@ def plan_launch(
         "accelerate.commands.launch",
         "--config_file",
         str(profile_path),
+        *ds_args,
         *accelerate_args,
         str(entry_script()),
         "--config",
@@ -165,8 +166,10 @@ def read_ds_config(path: Path) -> dict:
     for part in ("offload_optimizer", "offload_param"):
         device = (zero.get(part) or {}).get("device", "none")
         if device not in ("none", "cpu", "nvme"):
-            raise ConfigError(f"deepspeed_config_file {path}: {part}.device {device!r} is not "
-                              "one of none, cpu, nvme")
+            raise ConfigError(
+                f"deepspeed_config_file {path}: {part}.device {device!r} is not "
+                "one of none, cpu, nvme"
+            )
     if (zero.get("offload_param") or {}).get("device", "none") != "none" and zero.get("stage") != 3:
         raise ConfigError(f"deepspeed_config_file {path}: offload_param needs ZeRO stage 3")
     return config

@@ -34,8 +34,16 @@ STEPS = 4
 
 
 def launch(recipe: Path, profile: str, *overrides: str) -> subprocess.CompletedProcess:
-    result = run_cli("launch", "--profile", profile, "--config", str(recipe), *overrides,
-                     "--main_process_port", str(free_port()))
+    result = run_cli(
+        "launch",
+        "--profile",
+        profile,
+        "--config",
+        str(recipe),
+        *overrides,
+        "--main_process_port",
+        str(free_port()),
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -61,18 +69,32 @@ def zero(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     def recipe(name: str) -> Path:
         return write_recipe(
-            root / f"{name}.yaml", root / "data", root / name,
+            root / f"{name}.yaml",
+            root / "data",
+            root / name,
             data={"record_audit": True},
-            training={"micro_batch_size": 1, "gradient_accumulation_steps": 2,
-                      "max_steps": STEPS, "save_every": 2, "keep_last": 1},
+            training={
+                "micro_batch_size": 1,
+                "gradient_accumulation_steps": 2,
+                "max_steps": STEPS,
+                "save_every": 2,
+                "keep_last": 1,
+            },
         )
 
-    for name, profile in [("ddp", "cpu"), ("z1", "deepspeed_zero1"), ("z2", "deepspeed_zero2"),
-                          ("z3", "deepspeed_zero3")]:
+    for name, profile in [
+        ("ddp", "cpu"),
+        ("z1", "deepspeed_zero1"),
+        ("z2", "deepspeed_zero2"),
+        ("z3", "deepspeed_zero3"),
+    ]:
         launch(recipe(name), profile)
         runs[name] = root / name
-    for name, profile in [("z2", "deepspeed_zero2"), ("z3", "deepspeed_zero3"),
-                          ("z2off", "deepspeed_zero2_offload")]:
+    for name, profile in [
+        ("z2", "deepspeed_zero2"),
+        ("z3", "deepspeed_zero3"),
+        ("z2off", "deepspeed_zero2_offload"),
+    ]:
         resumed = recipe(f"{name}_resumed")
         launch(resumed, profile, "training.stop_after_steps=2")
         launch(resumed, profile, "training.resume=latest")
@@ -152,7 +174,10 @@ def test_zero3_export_loads_in_a_fresh_process(zero: dict) -> None:
     )
     result = subprocess.run(
         [RAFT_DIST[0], "-c", probe, str(zero["z3"] / "final"), str(zero["ddp"] / "final")],
-        capture_output=True, text=True, env=offline_env(), timeout=300,
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     z3_loss, ddp_loss = map(float, result.stdout.split("LOSSES")[1].split())
@@ -166,10 +191,18 @@ def test_accumulation_equivalence_under_zero2(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data", [8], seed=3)
     norms = []
     for name, mb, acc in [("mb4", 4, 1), ("acc4", 1, 4)]:
-        recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / "data", tmp_path / name,
-                              training={"micro_batch_size": mb, "gradient_accumulation_steps": acc,
-                                        "max_steps": 1, "max_grad_norm": 0.0},
-                              output={"save_final_model": False})
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tmp_path / "data",
+            tmp_path / name,
+            training={
+                "micro_batch_size": mb,
+                "gradient_accumulation_steps": acc,
+                "max_steps": 1,
+                "max_grad_norm": 0.0,
+            },
+            output={"save_final_model": False},
+        )
         launch(recipe, "deepspeed_zero2")
         norms.append(read_metrics(tmp_path / name)[0])
     assert norms[0]["target_tokens"] == norms[1]["target_tokens"]
@@ -179,18 +212,42 @@ def test_accumulation_equivalence_under_zero2(tmp_path: Path) -> None:
 @pytest.mark.parametrize("profile", ["multi_node", "multi_node_deepspeed_zero3"])
 def test_two_nodes_on_loopback(tmp_path: Path, profile: str) -> None:
     ids = write_dataset(tmp_path / "data", [5, 4, 6], seed=9)
-    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "data", tmp_path / "run",
-                          data={"record_audit": True}, training={"epochs": 1})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "data",
+        tmp_path / "run",
+        data={"record_audit": True},
+        training={"epochs": 1},
+    )
     port = str(free_port())
     env = offline_env()
     if profile == "multi_node":
         env["ACCELERATE_USE_CPU"] = "1"  # the profile's header: CPU-only nodes need it
     nodes = [
         subprocess.Popen(
-            [*RAFT_DIST, "launch", "--profile", profile, "--config", str(recipe),
-             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-             "--main_process_ip", "127.0.0.1", "--main_process_port", port],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                *RAFT_DIST,
+                "launch",
+                "--profile",
+                profile,
+                "--config",
+                str(recipe),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for rank in (0, 1)
     ]

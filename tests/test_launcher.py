@@ -19,6 +19,20 @@ EXPECTED = {  # profile -> (world size, engine, sets ACCELERATE_USE_CPU)
     "single_gpu": (1, "single", False),
     "multi_gpu": (2, "ddp", False),
     "multi_node": (2, "ddp", False),
+    "deepspeed_zero1": (2, "deepspeed", False),
+    "deepspeed_zero2": (2, "deepspeed", False),
+    "deepspeed_zero2_offload": (2, "deepspeed", False),
+    "deepspeed_zero3": (2, "deepspeed", False),
+    "deepspeed_zero3_offload": (2, "deepspeed", False),
+    "multi_node_deepspeed_zero3": (2, "deepspeed", False),
+}
+STAGES = {
+    "deepspeed_zero1": 1,
+    "deepspeed_zero2": 2,
+    "deepspeed_zero2_offload": 2,
+    "deepspeed_zero3": 3,
+    "deepspeed_zero3_offload": 3,
+    "multi_node_deepspeed_zero3": 3,
 }
 
 
@@ -41,11 +55,58 @@ def test_profile_loads_and_builds_the_launch_command(profile: str) -> None:
     assert plan.world_size == world and plan.engine == engine
     assert (plan.env.get("ACCELERATE_USE_CPU") == "1") is cpu
     assert plan.env["RAFT_DIST_EXPECT_WORLD_SIZE"] == str(world)
+    assert plan.zero_stage == STAGES.get(profile)
+    if profile in STAGES:  # the DeepSpeed JSON travels as an absolute path
+        ds_file = Path(plan.command[plan.command.index("--deepspeed_config_file") + 1])
+        assert ds_file.is_absolute() and ds_file.is_file()
     cmd = plan.command
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert cmd[cmd.index("--config_file") + 1] == str(path)
     assert str(entry_script()) in cmd
     assert cmd[-3:] == ["--config", RECIPE, "training.max_steps=3"]
+
+
+def test_deepspeed_json_configs_match_their_builder() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ds_build", ROOT / "ds_configs/build.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    for name in builder.ZERO:
+        assert (ROOT / "ds_configs" / f"{name}.json").read_text() == builder.render(name), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+        ({"zero_optimization": {"stage": 3}}, "stage3_gather_16bit_weights_on_model_save"),
+        (
+            {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+            "offload_param needs ZeRO stage 3",
+        ),
+        (
+            {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}},
+            "offload_optimizer.device 'gpu' is not one of",
+        ),
+    ],
+)
+def test_impossible_deepspeed_settings_are_refused(
+    tmp_path: Path, change: dict, message: str
+) -> None:
+    import json
+
+    config = json.loads((ROOT / "ds_configs/zero2.json").read_text())
+    config.update(change)
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message):
+        plan_launch(
+            "deepspeed_zero2",
+            RECIPE,
+            [],
+            ["--deepspeed_config_file", str(tmp_path / "ds.json")],
+            environ={},
+        )
 
 
 def test_multi_node_rank_and_address_pass_through() -> None:

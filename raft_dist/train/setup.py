@@ -64,8 +64,9 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
         clip = recipe.training.max_grad_norm
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(clip) if clip > 0 else "0.0"
         if on_cpu():
-            announce_op_compilation(recipe, ["deepspeed_shm_comm"],
-                                    os.environ.get("RANK", "0") == "0")
+            announce_op_compilation(
+                recipe, ["deepspeed_shm_comm"], os.environ.get("RANK", "0") == "0"
+            )
 
     handlers = []
     if on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -120,9 +121,7 @@ def fill_deepspeed_batch(accelerator: Any, recipe: Recipe) -> None:
     batches, so it states the micro batch itself."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            recipe.training.micro_batch_size
-        )
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.training.micro_batch_size
 
 
 @contextmanager
