@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import (
     RAFT_DIST,
     ROOT,
@@ -26,6 +24,7 @@ from conftest import (
     write_dataset,
     write_recipe,
 )
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
@@ -168,7 +167,8 @@ def test_zero3_export_loads_in_a_fresh_process(zero: dict) -> None:
         "losses = []\n"
         "for path in sys.argv[1:]:\n"
         "    model = AutoModelForCausalLM.from_pretrained(path)\n"
-        "    ids = AutoTokenizer.from_pretrained(path)('the tide mill turns', return_tensors='pt')\n"
+        "    tokenizer = AutoTokenizer.from_pretrained(path)\n"
+        "    ids = tokenizer('the tide mill turns', return_tensors='pt')\n"
         "    losses.append(model(**ids, labels=ids['input_ids']).loss.item())\n"
         "print('LOSSES', *losses)\n"
     )
