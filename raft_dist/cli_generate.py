@@ -1,9 +1,36 @@
-"""`raft-dist generate` and `raft-dist validate`. Registered on the main group in cli.py;
-the work is imported inside the commands so `raft-dist --help` stays instant."""
+"""`raft-dist generate`, `raft-dist validate` and `raft-dist convert`. Registered on the main
+group in cli.py; the work is imported inside the commands so `raft-dist --help` stays instant."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+
+from raft_dist.errors import ConfigError
+
+# Model options and the backends they belong to (any other backend refuses them, so a typo in
+# --backend cannot silently fall back to templates).
+_MODEL_OPTIONS = {
+    "model": ("hf", "openai"),
+    "max_new_tokens": ("hf", "openai"),
+    "temperature": ("hf", "openai"),
+    "device": ("hf",),
+    "base_url": ("openai",),
+    "api_key": ("openai",),
+    "max_retries": ("openai",),
+    "concurrency": ("openai",),
+    "timeout": ("openai",),
+}
+CONVERT_FORMATS = (
+    "raft",
+    "raft_paper",
+    "instruction",
+    "prompt_completion",
+    "chat",
+    "parquet",
+    "datasets",
+)
 
 
 @click.command()
@@ -16,10 +43,43 @@ import click
 )
 @click.option(
     "--backend",
+    type=click.Choice(["template", "hf", "openai"]),
     default="template",
     show_default=True,
     help="Question generator. template: offline and deterministic, questions from the "
-    "chunk's own sentences.",
+    "chunk's own sentences. hf: a local causal LM. openai: any OpenAI-compatible chat "
+    "completions server. Model answers without a final <ANSWER>: or with a quote that is not "
+    "verbatim in the chunk are dropped and counted.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="hf: model folder, hub id or builtin:smollm2 (default). openai: model name "
+    "(default: $RAFT_DIST_OPENAI_MODEL).",
+)
+@click.option(
+    "--max-new-tokens", type=int, default=None, help="hf/openai: reply length limit [512]."
+)
+@click.option(
+    "--temperature", type=float, default=None, help="hf/openai: sampling temperature [0: greedy]."
+)
+@click.option("--device", default=None, help="hf: auto (default), cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--base-url",
+    default=None,
+    help="openai: server URL ending before /chat/completions "
+    "(default: $OPENAI_BASE_URL, else https://api.openai.com/v1).",
+)
+@click.option("--api-key", default=None, help="openai: API key (default: $OPENAI_API_KEY).")
+@click.option(
+    "--max-retries",
+    type=int,
+    default=None,
+    help="openai: retries on 429, 5xx and timeouts, with exponential backoff [5].",
+)
+@click.option("--concurrency", type=int, default=None, help="openai: requests at once [8].")
+@click.option(
+    "--timeout", type=float, default=None, help="openai: seconds to wait for a reply [60]."
 )
 @click.option(
     "--chunk-size",
@@ -90,6 +150,7 @@ def generate(
     seed: int,
     overwrite: bool,
     progress: bool,
+    **model_options: Any,
 ) -> None:
     """Build a RAFT data set from SOURCES (.txt, .md, .jsonl with a "text" field, or folders).
 
@@ -100,9 +161,13 @@ def generate(
     Examples:
       raft-dist generate docs/ --out data/mydocs
       raft-dist generate notes.md faq.jsonl --out data/qa --distractors bm25 --seed 7
+      raft-dist generate docs/ --out data/llm --backend hf --model builtin:smollm2
+      raft-dist generate docs/ --out data/api --backend openai \\
+          --base-url http://localhost:8000/v1 --model my-model --concurrency 16
     """
     from raft_dist.generate.pipeline import GenerateOptions
     from raft_dist.generate.pipeline import generate as run_generate
+    from raft_dist.generate.questions import make_backend
 
     options = GenerateOptions(
         backend=backend,
@@ -117,8 +182,23 @@ def generate(
         shard_size=shard_size,
         seed=seed,
     )
-    result = run_generate(sources, out, options, overwrite=overwrite, progress=progress)
+    config = _backend_config(backend, model_options)
+    made = make_backend(backend, **config)
+    result = run_generate(
+        sources, out, options, overwrite=overwrite, progress=progress, backend=made
+    )
     click.echo(result.summary())
+
+
+def _backend_config(backend: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The model options that were given, refusing those the backend does not take."""
+    config = {name: value for name, value in given.items() if value is not None}
+    for name in config:
+        if backend not in _MODEL_OPTIONS[name]:
+            flag = "--" + name.replace("_", "-")
+            takers = " and ".join(_MODEL_OPTIONS[name])
+            raise ConfigError(f"{flag} applies to --backend {takers}, not {backend}")
+    return config
 
 
 @click.command()
@@ -145,3 +225,44 @@ def validate(paths: tuple[str, ...], tokenizer: str | None) -> None:
         click.echo(line, err=True)
     raise_on_errors(report)
     click.echo("ok")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--to",
+    "fmt",
+    required=True,
+    type=click.Choice(CONVERT_FORMATS),
+    help="raft: native RAFT JSONL. raft_paper: the RAFT paper's JSONL. instruction: "
+    "instruction/output JSONL. prompt_completion, chat: JSONL. parquet: Parquet. datasets: "
+    "a Hugging Face datasets folder (save_to_disk).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(),
+    help="A file (.jsonl, or .parquet for --to parquet) gets all splits in one file; any "
+    "other path becomes a folder with one part per split (train/, eval/).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def convert(inputs: tuple[str, ...], fmt: str, out: str, overwrite: bool) -> None:
+    """Convert RAFT data between formats.
+
+    INPUTS are data set folders (manifest + train/eval), folders or files of JSONL in any format
+    the trainer reads or chat JSONL, Parquet files, or datasets folders. Splits are kept.
+    Converting back to raft restores every record the target format could hold: raft_paper
+    drops "meta"; instruction, prompt_completion and chat hold only the rendered prompt and
+    the answer (documents, oracle and question are not separate any more), and come back as
+    prompt/completion records.
+
+    \b
+    Examples:
+      raft-dist convert data/demo --to chat --out data/demo-chat
+      raft-dist convert data/demo --to parquet --out demo.parquet
+      raft-dist convert hub-export/ --to raft --out data/imported
+    """
+    from raft_dist.generate.convert import convert as run_convert
+
+    result = run_convert(inputs, fmt, out, overwrite=overwrite)
+    click.echo(result.summary())

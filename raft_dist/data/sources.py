@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from raft_dist.config import DataConfig
 from raft_dist.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -78,6 +79,13 @@ def has_split(spec: str, split: str) -> bool:
         except (OSError, ValueError, KeyError, TypeError):
             return False
     return (root / split).is_dir()
+
+
+def eval_source(data: DataConfig) -> str | None:
+    """data.eval, or else the eval/ split of the data set folder given as data.train."""
+    if data.eval:
+        return data.eval
+    return data.train if data.train and has_split(data.train, "eval") else None
 
 
 def count_records(path: Path, *, text: bool = False) -> int:

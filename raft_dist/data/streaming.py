@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from raft_dist.config import Recipe
 from raft_dist.data.batching import Batch, collate, pack_rows
 from raft_dist.data.records import decode_line, parse_record, to_example
-from raft_dist.data.sources import Shard
+from raft_dist.data.sources import Shard, eval_source, load_shards
 from raft_dist.data.tokenize import IGNORE_INDEX, LengthStats, encode_example, encode_text_line
 from raft_dist.errors import DataError
 
@@ -251,6 +252,43 @@ class RankStream:
         if not rows:
             return None
         return collate(rows, pad_id=pad_token_id(self.tokenizer))
+
+
+def build_streams(
+    recipe: Recipe, tokenizer: Any, rank: int, world_size: int, seen_ids: list[str] | None
+) -> tuple[RankStream, RankStream | None]:
+    """This rank's train stream and, when the data has one, its held-out stream."""
+    d, t = recipe.data, recipe.training
+    text = d.format == "text"
+    settings = StreamSettings(
+        max_seq_len=d.max_seq_len,
+        micro_batch_size=t.micro_batch_size,
+        text=text,
+        packing=d.packing,
+        overlong=d.overlong,
+        skip_invalid=d.skip_invalid,
+        shuffle_shards=d.shuffle_shards,
+        seed=t.seed,
+    )
+    train = RankStream(
+        load_shards(d.train, "train", text=text),
+        tokenizer,
+        settings,
+        rank=rank,
+        world_size=world_size,
+        seen_ids=seen_ids,
+    )
+    eval_spec = eval_source(d)
+    if eval_spec is None:
+        return train, None
+    held_out = RankStream(
+        load_shards(eval_spec, "eval", text=text),
+        tokenizer,
+        replace(settings, shuffle_shards=False),
+        rank=rank,
+        world_size=world_size,
+    )
+    return train, held_out
 
 
 def pad_token_id(tokenizer: Any) -> int:

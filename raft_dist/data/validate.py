@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from raft_dist.config import Recipe
 from raft_dist.data.records import iter_records
-from raft_dist.data.sources import has_split, load_shards
+from raft_dist.data.sources import eval_source, load_shards
 from raft_dist.errors import DataError
 
 
@@ -14,7 +14,7 @@ def preflight(recipe: Recipe) -> dict[str, int]:
     d = recipe.data
     text = d.format == "text"
     splits = {"train": d.train}
-    eval_spec = d.eval or (d.train if has_split(d.train, "eval") else None)
+    eval_spec = eval_source(d)
     if eval_spec:
         splits["eval"] = eval_spec
     counts: dict[str, int] = {}

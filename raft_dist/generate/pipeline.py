@@ -32,7 +32,15 @@ from raft_dist.generate.chunking import (
     load_corpus,
 )
 from raft_dist.generate.distractors import Pool, make_picker
-from raft_dist.generate.questions import MAX_WORDS, MIN_WORDS, QA, Backend, make_backend
+from raft_dist.generate.questions import (
+    MAX_WORDS,
+    MIN_WORDS,
+    QA,
+    Backend,
+    ask_all,
+    check_backend,
+    make_backend,
+)
 from raft_dist.generate.writer import ShardWriter, clear, fingerprint, prepare, tidy
 
 GENERATOR_NAME = "raft-dist generate"
@@ -57,7 +65,7 @@ class GenerateOptions:
     def check(self) -> None:
         """Option mistakes as one line that names the option."""
         check_chunking(self.chunk_size, self.chunk_overlap)
-        make_backend(self.backend)
+        check_backend(self.backend)
         if self.questions_per_chunk < 1:
             raise ConfigError(
                 f"--questions-per-chunk must be at least 1, got {self.questions_per_chunk}"
@@ -97,10 +105,16 @@ class GenerateResult:
         ]
         records = sum(info["records"] for info in splits.values())
         p = stats["with_oracle"] / records if records else 0.0
-        return (
+        text = (
             f"{self.status} {self.out}: {', '.join(parts)}; {stats['chunks']} chunks "
             f"({stats['eval_chunks']} eval); oracle included in {p:.1%} of records"
         )
+        dropped = stats.get("dropped")
+        if dropped is not None:
+            total = sum(dropped.values())
+            reasons = ", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none"
+            text += f"; dropped {total} of {total + records} model answers ({reasons})"
+        return text
 
 
 ChunkHook = Callable[[int], None]
@@ -115,17 +129,23 @@ def generate(
     progress: bool = False,
     on_chunk: ChunkHook | None = None,
     sync_interval: float = 1.0,
+    backend: Backend | None = None,
 ) -> GenerateResult:
     """Write a RAFT data set folder to `out`; resumes an interrupted run with the same settings.
 
     `on_chunk(done)` runs after each chunk's checkpoint (progress reporting, tests that stop a
-    run part way).
+    run part way). `backend` is a configured backend named `options.backend` (model backends
+    need options of their own); by default one is made from the name alone.
     """
     options = options or GenerateOptions()
     options.check()
+    if backend is None:
+        backend = make_backend(options.backend)
+    elif backend.name != options.backend:
+        raise ValueError(f"backend {backend.name!r} given for options.backend {options.backend!r}")
     out = Path(out)
     files = find_sources(sources, exclude=out)
-    settings = _settings(options, [asdict(hash_source(f)) for f in files])
+    settings = _settings(options, [asdict(hash_source(f)) for f in files], backend)
     status = prepare(out, settings, overwrite=overwrite)
     if status == "up to date":
         tidy(out)
@@ -136,8 +156,9 @@ def generate(
         if asdict(seen) != hashed:
             raise DataError(seen.path, None, "the file changed while it was being read")
     plan = _plan(corpus, options)
-    backend = make_backend(options.backend)
-    _check_questions(corpus, backend)
+    drop_reasons: tuple[str, ...] = getattr(backend, "drop_reasons", ())
+    if not drop_reasons:  # model backends count failed answers instead of asking up front
+        _check_questions(corpus, backend)
     picker = make_picker(options.distractors, [c.text for c in corpus.chunks], progress=progress)
     if status == "replace":
         clear(out)  # only now: a failed run must not destroy the previous data set
@@ -149,6 +170,11 @@ def generate(
     counters = {"records": 0, "with_oracle": 0, **writer.counters}
     chunks = corpus.chunks
     make = _RecordMaker(corpus, plan, options, picker)
+    jobs = (
+        (chunk, options.questions_per_chunk, random.Random(f"{options.seed}:{chunk.id}"))
+        for chunk in (chunks[plan.order[p]] for p in range(writer.done, len(chunks)))
+    )
+    answers = ask_all(backend, jobs)  # in processing order, whatever order the work ran in
     try:
         with tqdm(
             total=len(chunks),
@@ -157,19 +183,22 @@ def generate(
             unit="chunk",
             disable=not progress,
         ) as bar:
-            for position in range(writer.done, len(chunks)):
-                chunk = chunks[plan.order[position]]
-                rng = random.Random(f"{options.seed}:{chunk.id}")
-                for j, qa in enumerate(backend.questions(chunk, options.questions_per_chunk, rng)):
+            for position, answered in enumerate(answers, start=writer.done):
+                chunk, rng = answered.chunk, answered.rng
+                for j, qa in enumerate(answered.pairs):
                     split, line, with_oracle = make(chunk, j, qa, rng)
                     writer.write(split, line)
                     counters["records"] += 1
                     counters["with_oracle"] += with_oracle
+                for reason, n in answered.dropped.items():
+                    key = f"dropped_{reason}"
+                    counters[key] = counters.get(key, 0) + n
                 writer.checkpoint(position + 1, counters)
                 bar.update(1)
                 if on_chunk is not None:
                     on_chunk(position + 1)
     finally:
+        answers.close()
         writer.close()
     generator = {
         "name": GENERATOR_NAME,
@@ -181,6 +210,9 @@ def generate(
             "with_oracle": counters["with_oracle"],
         },
     }
+    if drop_reasons:
+        dropped = {r: counters.get(f"dropped_{r}", 0) for r in drop_reasons}
+        generator["stats"]["dropped"] = dropped
     manifest = writer.finish(generator)
     return GenerateResult("resumed" if resumed else "generated", out, manifest)
 
@@ -225,9 +257,16 @@ def _check_questions(corpus: Corpus, backend: Backend) -> None:
     )
 
 
-def _settings(options: GenerateOptions, sources: list[dict[str, Any]]) -> dict[str, Any]:
-    """The settings a re-run is compared against (the version too: output may change)."""
-    return {**asdict(options), "raft_dist_version": __version__, "sources": sources}
+def _settings(
+    options: GenerateOptions, sources: list[dict[str, Any]], backend: Backend
+) -> dict[str, Any]:
+    """The settings a re-run is compared against (the version too: output may change). Model
+    backends add what changes their output (model, sampling), never keys or addresses."""
+    settings = {**asdict(options), "raft_dist_version": __version__, "sources": sources}
+    backend_settings = getattr(backend, "settings", None)
+    if backend_settings:
+        settings["backend_settings"] = dict(backend_settings)
+    return settings
 
 
 @dataclass

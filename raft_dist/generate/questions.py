@@ -1,19 +1,28 @@
 """Question backends: a chunk in, question/answer pairs with a quoting chain of thought out.
 
-Only the offline `template` backend exists today. It builds questions from the chunk's own
-sentences, so every answer and every quote is verbatim text of the oracle and the output is
-fully deterministic for a given random generator. Model-based backends (`hf`, `openai`) only have
-to implement `Backend.questions`.
+The offline `template` backend builds questions from the chunk's own sentences, so every answer
+and every quote is verbatim text of the oracle and the output is fully deterministic for a given
+random generator. The model backends (`hf` in backend_hf.py, `openai` in backend_openai.py) share
+the prompts and the output checks at the end of this module: a model's reply is kept only when it
+ends in a final answer and quotes the oracle verbatim; every other reply is dropped and counted.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
-from typing import Protocol
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from raft_dist.data.prompts import ANSWER_TAG, BEGIN_QUOTE, END_QUOTE
+from raft_dist.data.prompts import (
+    ANSWER_TAG,
+    BEGIN_QUOTE,
+    END_QUOTE,
+    extract_final_answer,
+    extract_quotes,
+)
 from raft_dist.errors import ConfigError
 from raft_dist.generate.chunking import Chunk, split_sentences
 
@@ -21,8 +30,8 @@ from raft_dist.generate.chunking import Chunk, split_sentences
 @dataclass(frozen=True)
 class QA:
     question: str
-    answer: str  # verbatim inside `quote`
-    quote: str  # verbatim inside the chunk
+    answer: str  # verbatim inside `quote` (template backend; a model's answer may paraphrase)
+    quote: str  # verbatim inside the chunk ("" when a model answer quotes nothing)
     cot_answer: str  # chain of thought quoting `quote`, ending in "<ANSWER>: answer"
 
 
@@ -167,10 +176,153 @@ class TemplateBackend:
         return pairs
 
 
-BACKENDS: dict[str, type] = {"template": TemplateBackend}
+BACKEND_NAMES = ("template", "hf", "openai")
 
 
-def make_backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise ConfigError(f"--backend: unknown backend {name!r}; allowed: {', '.join(BACKENDS)}")
-    return BACKENDS[name]()
+def check_backend(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        allowed = ", ".join(BACKEND_NAMES)
+        raise ConfigError(f"--backend: unknown backend {name!r}; allowed: {allowed}")
+
+
+def make_backend(name: str, **config: Any) -> Backend:
+    """The backend called `name`; model backends are imported only when asked for, so the CLI
+    stays free of torch and network code. `config` holds the backend's own options."""
+    check_backend(name)
+    if name == "hf":
+        from raft_dist.generate.backend_hf import HfBackend
+
+        return HfBackend(**config)
+    if name == "openai":
+        from raft_dist.generate.backend_openai import OpenAIBackend
+
+        return OpenAIBackend(**config)
+    if config:
+        raise ConfigError(f"--backend template takes no model options (got {', '.join(config)})")
+    return TemplateBackend()
+
+
+# --------------------------------------------------------------------------- running backends
+
+Job = tuple[Chunk, int, random.Random]  # chunk, questions wanted, the chunk's generator
+
+
+@dataclass
+class Answered:
+    """One chunk's result; `dropped` counts model replies that failed the checks, by reason."""
+
+    chunk: Chunk
+    rng: random.Random
+    pairs: list[QA]
+    dropped: dict[str, int] = field(default_factory=dict)
+
+
+def ask_all(backend: Backend, jobs: Iterable[Job]) -> Iterator[Answered]:
+    """Results in job order. A backend with `ask_many` may work on several jobs at once (the
+    openai backend's requests run in parallel) but must still yield in this order."""
+    many = getattr(backend, "ask_many", None)
+    if many is not None:
+        yield from many(jobs)
+        return
+    for chunk, count, rng in jobs:
+        yield Answered(chunk, rng, backend.questions(chunk, count, rng))
+
+
+# --------------------------------------------------------------------------- model backends
+
+DROP_REASONS = ("empty_question", "duplicate_question", "no_answer", "quote_not_verbatim")
+
+Messages = list[dict[str, str]]
+Complete = Callable[[list[Messages]], list[str]]  # chat prompts in, one reply each out
+
+_SYSTEM = "You write reading-comprehension data. Follow the requested format exactly."
+_LIST_MARK = re.compile(
+    r"^\s*(?:[-*\u2022]\s*|\(?\d{1,3}[.):]\s*|(?:q|question)\s*\d*\s*[.:)]\s*)+",
+    re.IGNORECASE,
+)
+
+
+def _about(chunk: Chunk) -> str:
+    title = chunk.title.strip()
+    return f"Document title: {title}\n" if title else ""
+
+
+def question_messages(chunk: Chunk, count: int) -> Messages:
+    """Ask for questions only; answers come from a second prompt per question (as in RAFT)."""
+    user = (
+        f"{_about(chunk)}<DOCUMENT>{chunk.text}</DOCUMENT>\n\n"
+        f"Write {count} different questions that this document answers. Each question must make "
+        "sense without seeing the document, so name what it is about. Write one question per "
+        "line and nothing else."
+    )
+    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+
+
+def answer_messages(chunk: Chunk, question: str) -> Messages:
+    user = (
+        f"{_about(chunk)}<DOCUMENT>{chunk.text}</DOCUMENT>\n"
+        f"Question: {question}\n\n"
+        "Answer the question using only the document. Reason step by step, and copy each "
+        f"sentence you rely on word for word between {BEGIN_QUOTE} and {END_QUOTE}. "
+        f'End with a last line "{ANSWER_TAG} $answer", where $answer is short. Format example:\n'
+        f"The document says {BEGIN_QUOTE} The mill has six sails. {END_QUOTE} So it has six.\n"
+        f"{ANSWER_TAG} six sails"
+    )
+    return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
+
+
+def parse_questions(reply: str, count: int) -> tuple[list[str], Counter]:
+    """Up to `count` distinct questions, one per line, without list markers; each missing or
+    repeated one is counted as dropped."""
+    found: list[str] = []
+    dropped: Counter = Counter()
+    for line in reply.splitlines():
+        question = _LIST_MARK.sub("", line).strip().strip("\"'").strip()
+        if not question or any(marker in question for marker in _FORBIDDEN):
+            continue
+        if question in found:
+            dropped["duplicate_question"] += 1
+        else:
+            found.append(question)
+        if len(found) == count:
+            break
+    dropped["duplicate_question"] = min(dropped["duplicate_question"], count - len(found))
+    dropped["empty_question"] = count - len(found) - dropped["duplicate_question"]
+    return found, +dropped
+
+
+def check_answer(question: str, reply: str, oracle: str) -> QA | str:
+    """The reply as a QA, or the reason it is dropped. Text after the final answer's line is
+    cut off, since small models often ramble on after it."""
+    question = question.strip()
+    if not question:
+        return "empty_question"
+    tag = reply.rfind(ANSWER_TAG)
+    if tag < 0:
+        return "no_answer"
+    end = reply.find("\n", tag)
+    cot = (reply if end < 0 else reply[:end]).strip()
+    answer = extract_final_answer(cot)
+    if not answer:
+        return "no_answer"
+    if cot.count(BEGIN_QUOTE) != cot.count(END_QUOTE):
+        return "quote_not_verbatim"
+    quotes = extract_quotes(cot)
+    if any(quote not in oracle for quote in quotes):
+        return "quote_not_verbatim"
+    return QA(question=question, answer=answer, quote=quotes[0] if quotes else "", cot_answer=cot)
+
+
+def answer_chunk(complete: Complete, chunk: Chunk, count: int) -> tuple[list[QA], dict[str, int]]:
+    """Questions first, then one answer per question; kept + dropped always equals `count`."""
+    [reply] = complete([question_messages(chunk, count)])
+    questions, dropped = parse_questions(reply, count)
+    replies = complete([answer_messages(chunk, q) for q in questions]) if questions else []
+    pairs = []
+    for question, answer in zip(questions, replies, strict=True):
+        made = check_answer(question, answer, chunk.text)
+        if isinstance(made, str):
+            dropped[made] += 1
+        else:
+            pairs.append(made)
+    return pairs, dict(dropped)

@@ -56,8 +56,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     import torch
     from accelerate.utils import gather_object, set_seed
 
-    from raft_dist.data.sources import has_split, load_shards
-    from raft_dist.data.streaming import RankStream, StreamSettings, padding_batch
+    from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_model, load_tokenizer
     from raft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from raft_dist.train.metrics import MetricsLog, configure_logging
@@ -99,38 +98,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    text = d.format == "text"
-    settings = StreamSettings(
-        max_seq_len=d.max_seq_len,
-        micro_batch_size=t.micro_batch_size,
-        text=text,
-        packing=d.packing,
-        overlong=d.overlong,
-        skip_invalid=d.skip_invalid,
-        shuffle_shards=d.shuffle_shards,
-        seed=t.seed,
-    )
     seen_ids: list[str] | None = [] if d.record_audit else None
-    train_stream = RankStream(
-        load_shards(d.train, "train", text=text),
-        tokenizer,
-        settings,
-        rank=rank,
-        world_size=world,
-        seen_ids=seen_ids,
-    )
+    train_stream, eval_stream = build_streams(recipe, tokenizer, rank, world, seen_ids)
     streams: dict[str, Any] = {"train": train_stream}
-    eval_spec = d.eval or (d.train if has_split(d.train, "eval") else None)
-    eval_stream = None
-    if eval_spec is not None:
-        eval_settings = StreamSettings(**{**settings.__dict__, "shuffle_shards": False})
-        eval_stream = RankStream(
-            load_shards(eval_spec, "eval", text=text),
-            tokenizer,
-            eval_settings,
-            rank=rank,
-            world_size=world,
-        )
     for stream in (train_stream, eval_stream):
         if stream is not None:
             errors = [e for e in gather_object([stream.first_error()]) if e]

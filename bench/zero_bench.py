@@ -1,0 +1,568 @@
+"""ZeRO-1/2/3 and ZeRO-2 offload against DDP: step time and peak memory per rank, in one run.
+
+    .venv/bin/python bench/zero_bench.py [--steps 8] [--rounds 2] [--out bench/results]
+
+Every run is a real 2-process `raft-dist launch` of the same recipe (a random 30M-parameter
+Llama, fp32, CPU) with only the profile changed. Step times come from each run's
+metrics.jsonl, peak memory from the ranks' own ranks/rank{R}_peak.json. Both are printed next
+to the per-rank memory the ZeRO paper (Rajbhandari et al. 2020) expects for parameters,
+gradients and optimizer states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+RAFT_DIST = ROOT / ".venv" / "bin" / "raft-dist"
+TINY_RECIPE = ROOT / "configs" / "tiny.yaml"
+TINY_TOKENIZER = ROOT / "raft_dist" / "assets" / "tiny-tokenizer"
+
+# name -> launch profile; DDP is the reference every ratio is taken against.
+PROFILES: dict[str, str] = {
+    "ddp": "cpu",
+    "zero1": "deepspeed_zero1",
+    "zero2": "deepspeed_zero2",
+    "zero3": "deepspeed_zero3",
+    "zero2_offload": "deepspeed_zero2_offload",
+}
+# ZeRO stage each profile partitions with (DDP replicates everything: stage 0).
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2}
+RANKS = 2
+WARMUP_STEPS = 2
+DEFAULT_STEPS = 8
+DEFAULT_ROUNDS = 2
+QUIET_SHARE = 0.10
+MIB = 1024**2
+
+# Wide enough that the model states (16 bytes per parameter in fp32) stand out from the
+# ~0.5 GiB that Python, torch, transformers and DeepSpeed take in every rank; small enough
+# that 10 two-process launches fit in a few minutes on 2 cores. Untied embeddings: every
+# parameter is partitioned once, the count the formulas assume.
+MODEL_SHAPE: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
+MODEL_SEED = 20240601
+
+# Bytes per parameter: (parameters, gradients, optimizer states K).
+PAPER_MIXED = (2, 2, 12)  # fp16 params + fp16 grads; fp32 master, momentum, variance
+FP32_ADAM = (4, 4, 8)  # this run: fp32 params + fp32 grads; Adam exp_avg + exp_avg_sq
+
+
+# ---- the shared model and recipe ----------------------------------------------------------
+
+
+def build_model(folder: Path) -> int:
+    """Write the random model once (fixed seed) so every run starts from the same weights.
+
+    Returns the parameter count. A folder built with the same shape and seed is reused.
+    """
+    marker = folder / "zero_bench.json"
+    wanted = {"shape": MODEL_SHAPE, "seed": MODEL_SEED}
+    if marker.is_file():
+        stored = json.loads(marker.read_text(encoding="utf-8"))
+        if {k: stored.get(k) for k in wanted} == wanted:
+            return int(stored["parameters"])
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SHAPE,
+    )
+    torch.manual_seed(MODEL_SEED)
+    model = LlamaForCausalLM(config)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    for source in TINY_TOKENIZER.iterdir():
+        shutil.copy2(source, folder / source.name)
+    parameters = sum(p.numel() for p in model.parameters())
+    marker.write_text(json.dumps({**wanted, "parameters": parameters}), encoding="utf-8")
+    return parameters
+
+
+def write_recipe(path: Path, model_dir: Path, steps: int) -> Path:
+    """configs/tiny.yaml with the bench model and short, eval-free, save-free runs."""
+    import yaml
+
+    recipe = yaml.safe_load(TINY_RECIPE.read_text(encoding="utf-8"))
+    recipe["model"] = {"name_or_path": str(model_dir), "dtype": "float32"}
+    # The split folder: no eval split is found, so no evaluation runs inside the timed steps.
+    # With the tiny tokenizer the demo prompts are 579-655 tokens and whole examples 654-746:
+    # max_seq_len 768 keeps every example whole (512 would drop them all).
+    recipe["data"].update({"train": str(ROOT / "data" / "demo" / "train"), "max_seq_len": 768})
+    recipe["training"].update(
+        {
+            "micro_batch_size": 1,
+            "gradient_accumulation_steps": 2,
+            "max_steps": steps,
+            "eval_every": 0,
+            "eval_at_start": False,
+            "save_every": 0,
+        }
+    )
+    recipe["output"] = {"dir": str(path.parent / "unused"), "save_final_model": False}
+    recipe["logging"] = {"level": "warning", "tensorboard": False, "progress_bar": False}
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+# ---- launching and reading back -----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_reading() -> tuple[float, float, float]:
+    """Wall clock, CPU seconds of every process on the machine, CPU seconds of this process tree.
+
+    Children count once they have been waited for, which a finished launch has been.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        ticks = [int(v) for v in fields[:8]]
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        busy = float("nan")
+    t = os.times()
+    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU that other processes used meanwhile: on 2 cores, one busy
+    neighbour can make a step several times slower, so contended runs are flagged."""
+    wall = after[0] - before[0]
+    foreign = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
+
+
+def wait_for_quiet(budget_s: float) -> float:
+    """Wait, at most budget_s, for other processes to leave the CPU; returns seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < budget_s:
+        before = cpu_reading()
+        time.sleep(1.0)
+        if foreign_share(before, cpu_reading()) <= QUIET_SHARE:
+            break
+    return time.perf_counter() - started
+
+
+@dataclass
+class Run:
+    name: str
+    round: int
+    run_dir: str
+    returncode: int
+    wall_s: float
+    foreign_cpu_share: float
+    step_s: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_s) if self.step_s else float("nan")
+
+
+def env_for_launch() -> dict[str, str]:
+    """The environment the tests launch with: offline, one thread per rank on 2 cores."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // RANKS)))
+    for key in [k for k in env if k.startswith("RAFT_DIST_EXPECT_")]:
+        env.pop(key)
+    return env
+
+
+def launch(name: str, round_: int, recipe: Path, run_dir: Path) -> Run:
+    """One 2-process launch; its output goes to run_dir/launch.log."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    command = [
+        str(RAFT_DIST),
+        "launch",
+        "--profile",
+        PROFILES[name],
+        "--config",
+        str(recipe),
+        f"output.dir={run_dir}",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    before = cpu_reading()
+    with (run_dir / "launch.log").open("w", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        done = subprocess.run(command, cwd=ROOT, env=env_for_launch(), stdout=log, stderr=log)
+    after = cpu_reading()
+    run = Run(name, round_, str(run_dir), done.returncode, after[0] - before[0], 0.0)
+    run.foreign_cpu_share = foreign_share(before, after)
+    if done.returncode == 0:
+        run.step_s, run.tokens_per_s = steady_steps(run_dir)
+        run.peak_rss_mib = rank_peaks(run_dir)
+    return run
+
+
+def steady_steps(run_dir: Path) -> tuple[list[float], list[float]]:
+    """Seconds per step (between consecutive elapsed_s stamps) and tokens/s, warm-up left out.
+
+    elapsed_s is wall clock since the loop started, stamped when a step is logged, so the
+    difference holds everything the loop does per step, data and logging included.
+    """
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows if "loss" in r}
+    speed = {r["step"]: r["tokens_per_s"] for r in rows if "loss" in r}
+    steps = [s for s in sorted(elapsed) if s > WARMUP_STEPS and s - 1 in elapsed]
+    return [elapsed[s] - elapsed[s - 1] for s in steps], [speed[s] for s in steps]
+
+
+def rank_peaks(run_dir: Path) -> dict[str, float]:
+    """Peak RSS of every rank, as each rank wrote it at the end of its run."""
+    peaks = {}
+    for path in sorted((run_dir / "ranks").glob("rank*_peak.json")):
+        record = json.loads(path.read_text())
+        peaks[str(record["rank"])] = float(record["peak_rss_mib"])
+    return peaks
+
+
+def ops_compiled() -> bool:
+    """True when DeepSpeed's CPU Adam is already built, so no timed run pays ~1 min for it."""
+    cache = Path(
+        os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")
+    )
+    # The pattern raft_dist.train.setup.announce_op_compilation checks: <cache>/<tag>/<op>/*.so
+    return all(any(cache.glob(f"*/{op}/*.so")) for op in ("cpu_adam", "deepspeed_shm_comm"))
+
+
+# ---- runtime baseline -----------------------------------------------------------------------
+
+
+def current_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def probe_baseline(model_dir: Path) -> dict[str, float]:
+    """What a rank holds before training: the libraries it imports, then the model it builds.
+
+    Runs in a fresh process (see baseline_rss); the same loader as the training loop.
+    """
+    import accelerate  # noqa: F401
+    import deepspeed  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from raft_dist.config import ModelConfig
+    from raft_dist.model import load_model, load_tokenizer
+
+    runtime = current_rss_mib()
+    cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
+    model = load_model(cfg, load_tokenizer(cfg))
+    return {
+        "runtime_rss_mib": runtime,
+        "runtime_and_model_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "parameters": float(sum(p.numel() for p in model.parameters())),
+    }
+
+
+def baseline_rss(model_dir: Path) -> dict[str, float]:
+    """Run probe_baseline in a new interpreter, with the ranks' environment."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--probe-baseline", str(model_dir)],
+        cwd=ROOT,
+        env=env_for_launch(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- expected memory --------------------------------------------------------------------------
+
+
+def model_state_bytes(params: int, stage: int, sizes: tuple[int, int, int], ranks: int) -> float:
+    """Per-rank bytes of parameters, gradients and optimizer states (ZeRO paper, Figure 1)."""
+    p, g, k = sizes
+    if stage == 0:
+        per_param = p + g + k
+    elif stage == 1:
+        per_param = p + g + k / ranks
+    elif stage == 2:
+        per_param = p + (g + k) / ranks
+    else:
+        per_param = (p + g + k) / ranks
+    return per_param * params
+
+
+def expected_mib(params: int) -> dict[str, dict[str, float]]:
+    return {
+        name: {
+            "fp32_this_run": model_state_bytes(params, stage, FP32_ADAM, RANKS) / MIB,
+            "paper_mixed_precision": model_state_bytes(params, stage, PAPER_MIXED, RANKS) / MIB,
+        }
+        for name, stage in STAGE.items()
+    }
+
+
+# ---- summary, table, plot -------------------------------------------------------------------
+
+
+def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[str, Any]:
+    """Medians over rounds; the ratio to DDP is the median of per-round ratios, so each ratio
+    compares runs taken minutes apart rather than across the whole invocation."""
+    ok = [r for r in runs if r.returncode == 0 and r.step_s]
+    by_round: dict[int, dict[str, Run]] = {}
+    for run in ok:
+        by_round.setdefault(run.round, {})[run.name] = run
+    expected = expected_mib(params)
+    base = baseline["runtime_and_model_peak_rss_mib"]
+    profiles: dict[str, Any] = {}
+    for name in PROFILES:
+        mine = [r for r in ok if r.name == name]
+        ratios = [
+            rnd[name].median_step_s / rnd["ddp"].median_step_s
+            for rnd in by_round.values()
+            if name in rnd and "ddp" in rnd
+        ]
+        peaks = [max(r.peak_rss_mib.values()) for r in mine if r.peak_rss_mib]
+        peak = statistics.median(peaks) if peaks else float("nan")
+        profiles[name] = {
+            "profile": PROFILES[name],
+            "zero_stage": STAGE[name],
+            "runs_ok": len(mine),
+            "runs_failed": sum(1 for r in runs if r.name == name and r.returncode != 0),
+            "median_step_s": statistics.median([r.median_step_s for r in mine])
+            if mine
+            else float("nan"),
+            "step_s_per_round": [round(r.median_step_s, 4) for r in mine],
+            "ratio_to_ddp": statistics.median(ratios) if ratios else float("nan"),
+            "ratio_to_ddp_per_round": [round(x, 4) for x in ratios],
+            "median_tokens_per_s": statistics.median([t for r in mine for t in r.tokens_per_s])
+            if mine
+            else float("nan"),
+            "peak_rss_mib_max_rank": peak,
+            "peak_rss_mib_per_run": [r.peak_rss_mib for r in mine],
+            "peak_minus_baseline_mib": peak - base,
+            "expected_model_states_mib": expected[name],
+        }
+    return {"parameters": params, "ranks": RANKS, "baseline": baseline, "profiles": profiles}
+
+
+def table(summary: dict[str, Any]) -> str:
+    """One markdown table for the terminal and for bench/README.md."""
+    header = (
+        "profile",
+        "step s",
+        "vs DDP",
+        "peak RSS MiB",
+        "- baseline",
+        "fp32 states MiB",
+        "paper mixed MiB",
+    )
+    rows = [header]
+    for name, p in summary["profiles"].items():
+        exp = p["expected_model_states_mib"]
+        rows.append(
+            (
+                name,
+                f"{p['median_step_s']:.3f}",
+                f"{p['ratio_to_ddp']:.2f}",
+                f"{p['peak_rss_mib_max_rank']:.0f}",
+                f"{p['peak_minus_baseline_mib']:+.0f}",
+                f"{exp['fp32_this_run']:.0f}",
+                f"{exp['paper_mixed_precision']:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Step time against DDP, and measured memory beside the expected model states."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["profiles"])
+    prof = summary["profiles"]
+    xs = range(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(xs, [prof[n]["ratio_to_ddp"] for n in names], color="tab:blue")
+    left.axhline(1.0, color="grey", lw=1, ls="--")
+    left.set_xticks(list(xs), names, rotation=20)
+    left.set_ylabel("median step time / DDP")
+    left.set_title("step time relative to DDP (lower is faster)", fontsize=9)
+    width = 0.27
+    series = [
+        ("peak RSS - baseline (measured)", [prof[n]["peak_minus_baseline_mib"] for n in names]),
+        (
+            "fp32 model states (expected)",
+            [prof[n]["expected_model_states_mib"]["fp32_this_run"] for n in names],
+        ),
+        (
+            "paper mixed precision (expected)",
+            [prof[n]["expected_model_states_mib"]["paper_mixed_precision"] for n in names],
+        ),
+    ]
+    for i, (label, values) in enumerate(series):
+        right.bar([x + (i - 1) * width for x in xs], values, width, label=label)
+    right.set_xticks(list(xs), names, rotation=20)
+    right.set_ylabel("MiB per rank (max over ranks)")
+    right.set_title(
+        f"{summary['parameters'] / 1e6:.1f}M params, {RANKS} ranks; baseline "
+        f"{summary['baseline']['runtime_and_model_peak_rss_mib']:.0f} MiB = runtime + model",
+        fontsize=9,
+    )
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- main ---------------------------------------------------------------------------------------
+
+
+def round_order(round_: int) -> list[str]:
+    """DDP first in even rounds, last in odd ones: drift of a shared machine averages out."""
+    names = list(PROFILES)
+    return names if round_ % 2 == 0 else names[::-1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps a run")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="runs per profile")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="before each run, wait up to S seconds for other load to leave the CPU",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--probe-baseline", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.probe_baseline is None and args.steps <= WARMUP_STEPS + 1:
+        parser.error(f"--steps must be above {WARMUP_STEPS + 1} ({WARMUP_STEPS} are warm-up)")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.probe_baseline is not None:
+        print(json.dumps(probe_baseline(args.probe_baseline)))
+        return 0
+    started = time.perf_counter()
+    out: Path = args.out
+    runs_root = out / "zero_runs"
+    shutil.rmtree(runs_root, ignore_errors=True)
+    runs_root.mkdir(parents=True)
+    params = build_model(out / "zero_model")
+    recipe = write_recipe(runs_root / "recipe.yaml", out / "zero_model", args.steps)
+    print(f"model: {params / 1e6:.1f}M parameters in {out / 'zero_model'}", flush=True)
+    baseline = baseline_rss(out / "zero_model")
+    print(
+        f"baseline: runtime {baseline['runtime_rss_mib']:.0f} MiB, runtime + model "
+        f"{baseline['runtime_and_model_peak_rss_mib']:.0f} MiB",
+        flush=True,
+    )
+    if not ops_compiled():
+        print("untimed warm-up launch of zero2_offload (DeepSpeed compiles its CPU ops)")
+        warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload")
+        print(f"  done in {warm.wall_s:.0f} s (rc {warm.returncode})", flush=True)
+
+    runs: list[Run] = []
+    for round_ in range(args.rounds):
+        for name in round_order(round_):
+            waited = wait_for_quiet(args.quiet_wait)
+            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}")
+            runs.append(run)
+            status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
+            peak = max(run.peak_rss_mib.values()) if run.peak_rss_mib else float("nan")
+            print(
+                f"round {round_ + 1} {name:<14} {status}: median step {run.median_step_s:.3f} s, "
+                f"peak RSS {peak:.0f} MiB, launch {run.wall_s:.0f} s, other load "
+                f"{run.foreign_cpu_share:.0%}" + (f", waited {waited:.0f} s" if waited > 2 else ""),
+                flush=True,
+            )
+            if run.returncode != 0:
+                print(f"  see {run.run_dir}/launch.log", flush=True)
+
+    summary = summarize(runs, params, baseline)
+    wall = time.perf_counter() - started
+    print()
+    print(table(summary))
+    contended = [f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > QUIET_SHARE]
+    if contended:
+        print(f"\nother processes took over {QUIET_SHARE:.0%} of the CPU during: ", end="")
+        print(", ".join(contended))
+    print(
+        f"\nfp32 on CPU, {RANKS} ranks, {params / 1e6:.1f}M parameters; 'step s' = median over "
+        f"rounds of each run's median step (steps {WARMUP_STEPS + 1}-{args.steps}); "
+        "'- baseline' = peak RSS minus a process that imported the libraries and built the "
+        f"model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB)"
+    )
+    print(f"total {wall:.0f} s")
+
+    payload = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "wall_s": wall,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "warmup_steps_excluded": WARMUP_STEPS,
+        "model_shape": MODEL_SHAPE,
+        "model_seed": MODEL_SEED,
+        "bytes_per_param": {"fp32_this_run": FP32_ADAM, "paper_mixed_precision": PAPER_MIXED},
+        "load_avg_at_end": os.getloadavg(),
+        "summary": summary,
+        "runs": [{**asdict(r), "median_step_s": r.median_step_s} for r in runs],
+    }
+    (out / "zero.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    plot(summary, out / "zero.png")
+    print(f"written: {out / 'zero.json'}, {out / 'zero.png'}")
+    return 0 if all(r.returncode == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
