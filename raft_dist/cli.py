@@ -99,6 +99,39 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
         raise RaftDistError(f"training exited with code {code} (see the messages above)")
 
 
+@cli.command()
+@click.option("--base", required=True, help="Full-precision base model: folder or hub id.")
+@click.option(
+    "--adapter",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="PEFT adapter folder (a LoRA/QLoRA run's final/).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(file_okay=False), help="Folder for the merged model."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="dtype of the merged weights.",
+)
+def merge(base: str, adapter: str, out: str, dtype: str) -> None:
+    """Merge a LoRA/QLoRA adapter into its base and save a plain transformers model.
+
+    The base is reloaded in full precision; a quantized base is refused (merging into 4-bit
+    weights is lossy).
+
+    \b
+    Example:
+      raft-dist merge --base models/base --adapter runs/lora/final --out models/merged
+    """
+    from raft_dist.merge import merge_adapter
+
+    click.echo(f"merged model: {merge_adapter(base, adapter, out, dtype)}")
+
+
 cli.add_command(generate)
 cli.add_command(validate)
 

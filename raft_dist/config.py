@@ -93,7 +93,8 @@ class TrainingConfig:
     # null, "latest" (newest checkpoint of output.dir) or a checkpoint folder.
     resume: str | None = None
     log_every: int = field(default=1, metadata=_range(1))
-    gradient_checkpointing: bool = False
+    # null: on for QLoRA (quantization.mode != none), off otherwise.
+    gradient_checkpointing: bool | None = None
     # Where DeepSpeed keeps the ops it compiles on first use (TORCH_EXTENSIONS_DIR);
     # null keeps the environment's value or ~/.cache/torch_extensions.
     ops_cache_dir: str | None = None
@@ -318,8 +319,8 @@ def validate(recipe: Recipe) -> None:
             "training.max_steps is required with data.packing=true or data.format=text: the "
             "number of packed rows is only known after tokenizing the whole data set"
         )
-    if recipe.lora.enabled or recipe.quantization.mode != "none":
+    if recipe.quantization.mode != "none" and not recipe.lora.enabled:
         raise ConfigError(
-            "lora.enabled / quantization.mode: LoRA and QLoRA are not available in this "
-            "version of raft-dist yet; set lora.enabled=false and quantization.mode=none"
+            f"quantization.mode={recipe.quantization.mode} needs lora.enabled=true: quantized "
+            "weights are frozen, only adapters can train"
         )

@@ -92,8 +92,14 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer: Any) -> Any:
-    """Random init for built-ins (seeded by the caller), pretrained weights otherwise."""
+def load_model(
+    cfg: ModelConfig, tokenizer: Any, quantization: Any = None, device_map: Any = None
+) -> Any:
+    """Random init for built-ins (seeded by the caller), pretrained weights otherwise.
+
+    With `quantization` (a transformers BitsAndBytesConfig) the frozen base loads quantized;
+    a built-in is first built in full precision, then reloaded quantized from a temp folder.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = _torch_dtype(cfg.dtype)
@@ -109,12 +115,23 @@ def load_model(cfg: ModelConfig, tokenizer: Any) -> Any:
             pad_token_id=tokenizer.pad_token_id,
             **arch,
         )
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if quantization is None:
+            return model
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, quantization_config=quantization, device_map=device_map
+            )
     try:
         return AutoModelForCausalLM.from_pretrained(
             resolve_pretrained(cfg.name_or_path),
             dtype=dtype,
             trust_remote_code=cfg.trust_remote_code,
+            quantization_config=quantization,
+            device_map=device_map,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(

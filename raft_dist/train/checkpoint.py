@@ -104,3 +104,33 @@ def load_checkpoint(accelerator: Any, path: Path, streams: dict[str, Any]) -> di
             )
         stream.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
     return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+ADAPTER_DIR = "adapter"
+
+
+def register_adapter_checkpointing(accelerator: Any) -> None:
+    """LoRA checkpoints hold the adapter only: the frozen base is rebuilt from the recipe.
+
+    Accelerate's save_state writes the whole model unless a pre-hook takes the weights out of
+    its list; the load hook restores the adapter and tells Accelerate there is no model file.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            unwrapped = accelerator.unwrap_model(model)
+            if accelerator.is_main_process:
+                unwrapped.save_pretrained(Path(output_dir) / ADAPTER_DIR)
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        folder = Path(input_dir) / ADAPTER_DIR
+        for model in models:
+            state = load_file(folder / "adapter_model.safetensors")
+            set_peft_model_state_dict(accelerator.unwrap_model(model), state)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

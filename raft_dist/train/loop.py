@@ -56,9 +56,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
     import torch
     from accelerate.utils import gather_object, set_seed
 
+    from raft_dist.adapters import build_training_model, check_combination
     from raft_dist.data.streaming import build_streams, padding_batch
-    from raft_dist.model import load_model, load_tokenizer
-    from raft_dist.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+    from raft_dist.model import load_tokenizer
+    from raft_dist.train.checkpoint import (
+        load_checkpoint,
+        register_adapter_checkpointing,
+        resolve_resume,
+        save_checkpoint,
+    )
     from raft_dist.train.metrics import MetricsLog, configure_logging
     from raft_dist.train.optim import build_optimizer
     from raft_dist.train.runcard import render_run_card
@@ -69,6 +75,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         live_setup,
         make_accelerator,
         model_init_context,
+        quantized_device_map,
         setup_warnings,
     )
 
@@ -92,11 +99,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(recipe.model)
+    check_combination(recipe, live.zero_stage)
     with model_init_context(accelerator):
-        model = load_model(recipe.model, tokenizer)
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        model = build_training_model(recipe, tokenizer, device_map=quantized_device_map(live))
+    if recipe.lora.enabled:
+        register_adapter_checkpointing(accelerator)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
     train_stream, eval_stream = build_streams(recipe, tokenizer, rank, world, seen_ids)
@@ -125,7 +132,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             render_run_card(
                 recipe,
                 live,
-                model=model,
+                model=accelerator.unwrap_model(model),
                 shards_per_rank=list(shards_per_rank),
                 records=train_stream.total,
                 total_steps=total_steps,

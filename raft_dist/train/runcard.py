@@ -32,6 +32,7 @@ def render_run_card(
         ("quantization", recipe.quantization.mode),
         ("LoRA", f"r={recipe.lora.r}" if recipe.lora.enabled else "off"),
         ("model", f"{recipe.model.name_or_path}: {params:,} params, {trainable:,} trainable"),
+        ("weights", f"{_footprint_mib(model):,.1f} MiB in memory (get_memory_footprint)"),
         (
             "batch",
             f"micro {t.micro_batch_size} x accumulation {t.gradient_accumulation_steps} x world "
@@ -55,3 +56,10 @@ def render_run_card(
         ["=" * 72, "raft-dist run card"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["=" * 72]
     )
     return "\n".join(lines)
+
+
+def _footprint_mib(model: Any) -> float:
+    footprint = getattr(model, "get_memory_footprint", None)
+    if footprint is None:  # a peft wrapper: ask the base model
+        footprint = model.get_base_model().get_memory_footprint
+    return footprint() / 2**20

@@ -146,6 +146,14 @@ def model_init_context(accelerator: Any) -> Iterator[None]:
         plugin.set_deepspeed_weakref()
 
 
+def quantized_device_map(live: LiveSetup) -> Any:
+    """bitsandbytes places quantized weights at load time: on this rank's GPU, or nowhere
+    special on CPU and under DeepSpeed (which places them itself)."""
+    if live.device.startswith("cuda") and live.engine != "deepspeed":
+        return {"": live.device}
+    return None
+
+
 @dataclass
 class LiveSetup:
     world_size: int
