@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,10 +45,11 @@ PROFILES: dict[str, str] = {
 STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2}
 RANKS = 2
 WARMUP_STEPS = 2
-DEFAULT_STEPS = 8
+DEFAULT_STEPS = 6
 DEFAULT_ROUNDS = 2
 QUIET_SHARE = 0.10
 MIB = 1024**2
+SAMPLE_EVERY_S = 0.25
 
 # Wide enough that the model states (16 bytes per parameter in fp32) stand out from the
 # ~0.5 GiB that Python, torch, transformers and DeepSpeed take in every rank; small enough
@@ -186,6 +188,8 @@ class Run:
     step_s: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    floor_rss_mib: dict[str, float] = field(default_factory=dict)
+    rss_samples: int = 0
 
     @property
     def median_step_s(self) -> float:
@@ -202,7 +206,7 @@ def env_for_launch() -> dict[str, str]:
     return env
 
 
-def launch(name: str, round_: int, recipe: Path, run_dir: Path) -> Run:
+def launch(name: str, round_: int, recipe: Path, run_dir: Path, steps: int) -> Run:
     """One 2-process launch; its output goes to run_dir/launch.log."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -221,14 +225,104 @@ def launch(name: str, round_: int, recipe: Path, run_dir: Path) -> Run:
     with (run_dir / "launch.log").open("w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
-        done = subprocess.run(command, cwd=ROOT, env=env_for_launch(), stdout=log, stderr=log)
+        process = subprocess.Popen(command, cwd=ROOT, env=env_for_launch(), stdout=log, stderr=log)
+        sampler = RankMemorySampler(process.pid, run_dir / "metrics.jsonl", steps)
+        sampler.start()
+        returncode = process.wait()
+        sampler.stop()
     after = cpu_reading()
-    run = Run(name, round_, str(run_dir), done.returncode, after[0] - before[0], 0.0)
+    run = Run(name, round_, str(run_dir), returncode, after[0] - before[0], 0.0)
     run.foreign_cpu_share = foreign_share(before, after)
-    if done.returncode == 0:
+    if returncode == 0:
         run.step_s, run.tokens_per_s = steady_steps(run_dir)
         run.peak_rss_mib = rank_peaks(run_dir)
+        run.floor_rss_mib = {str(r): v for r, v in sorted(sampler.floor_mib.items())}
+        run.rss_samples = sampler.samples
     return run
+
+
+def descendants(root: int) -> set[int]:
+    """Every process below root, from the parent ids in /proc/*/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def rss_mib(pid: int | str = "self") -> float | None:
+    """Resident set size now (VmRSS), or None when the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RankMemorySampler:
+    """Polls the RSS of the launch's rank processes while they train.
+
+    ru_maxrss (what the ranks write) is a high-water mark: it holds the activations of the
+    biggest micro-batch and any one-off copy made while DeepSpeed sets up, on top of the model
+    states. The lowest RSS of a rank after the warm-up steps is what stays resident between
+    steps (runtime, model states, communication buffers), the part the ZeRO formulas describe.
+    """
+
+    def __init__(self, root_pid: int, metrics: Path, steps: int) -> None:
+        self.root_pid, self.metrics, self.steps = root_pid, metrics, steps
+        self.ranks: dict[int, int] = {}  # pid -> global rank
+        self.floor_mib: dict[int, float] = {}
+        self.samples = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def loop(self) -> None:
+        while not self.done.wait(SAMPLE_EVERY_S):
+            self.poll()
+
+    def find_ranks(self) -> None:
+        """Training processes are the descendants that torchrun gave a RANK."""
+        for pid in descendants(self.root_pid) - set(self.ranks):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for entry in environ:
+                if entry.startswith(b"RANK="):
+                    self.ranks[pid] = int(entry[5:])
+
+    def poll(self) -> None:
+        try:
+            logged = len(self.metrics.read_text().splitlines())
+        except OSError:
+            logged = 0
+        if len(self.ranks) < RANKS:
+            self.find_ranks()
+        if not WARMUP_STEPS <= logged < self.steps:  # only while steps 3..N run
+            return
+        for pid, rank in self.ranks.items():
+            now = rss_mib(pid)
+            if now is not None:
+                self.floor_mib[rank] = min(now, self.floor_mib.get(rank, now))
+                self.samples += 1
 
 
 def steady_steps(run_dir: Path) -> tuple[list[float], list[float]]:
@@ -265,13 +359,6 @@ def ops_compiled() -> bool:
 # ---- runtime baseline -----------------------------------------------------------------------
 
 
-def current_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def probe_baseline(model_dir: Path) -> dict[str, float]:
     """What a rank holds before training: the libraries it imports, then the model it builds.
 
@@ -285,7 +372,7 @@ def probe_baseline(model_dir: Path) -> dict[str, float]:
     from raft_dist.config import ModelConfig
     from raft_dist.model import load_model, load_tokenizer
 
-    runtime = current_rss_mib()
+    runtime = rss_mib()
     cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
     model = load_model(cfg, load_tokenizer(cfg))
     return {
@@ -357,6 +444,8 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
         ]
         peaks = [max(r.peak_rss_mib.values()) for r in mine if r.peak_rss_mib]
         peak = statistics.median(peaks) if peaks else float("nan")
+        floors = [max(r.floor_rss_mib.values()) for r in mine if r.floor_rss_mib]
+        floor = statistics.median(floors) if floors else float("nan")
         profiles[name] = {
             "profile": PROFILES[name],
             "zero_stage": STAGE[name],
@@ -374,6 +463,9 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
             "peak_rss_mib_max_rank": peak,
             "peak_rss_mib_per_run": [r.peak_rss_mib for r in mine],
             "peak_minus_baseline_mib": peak - base,
+            "floor_rss_mib_max_rank": floor,
+            "floor_rss_mib_per_run": [r.floor_rss_mib for r in mine],
+            "floor_minus_baseline_mib": floor - base,
             "expected_model_states_mib": expected[name],
         }
     return {"parameters": params, "ranks": RANKS, "baseline": baseline, "profiles": profiles}
@@ -387,6 +479,7 @@ def table(summary: dict[str, Any]) -> str:
         "vs DDP",
         "peak RSS MiB",
         "- baseline",
+        "floor - baseline",
         "fp32 states MiB",
         "paper mixed MiB",
     )
@@ -400,6 +493,7 @@ def table(summary: dict[str, Any]) -> str:
                 f"{p['ratio_to_ddp']:.2f}",
                 f"{p['peak_rss_mib_max_rank']:.0f}",
                 f"{p['peak_minus_baseline_mib']:+.0f}",
+                f"{p['floor_minus_baseline_mib']:+.0f}",
                 f"{exp['fp32_this_run']:.0f}",
                 f"{exp['paper_mixed_precision']:.0f}",
             )
@@ -429,9 +523,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     left.set_xticks(list(xs), names, rotation=20)
     left.set_ylabel("median step time / DDP")
     left.set_title("step time relative to DDP (lower is faster)", fontsize=9)
-    width = 0.27
+    width = 0.2
     series = [
         ("peak RSS - baseline (measured)", [prof[n]["peak_minus_baseline_mib"] for n in names]),
+        ("floor RSS - baseline (measured)", [prof[n]["floor_minus_baseline_mib"] for n in names]),
         (
             "fp32 model states (expected)",
             [prof[n]["expected_model_states_mib"]["fp32_this_run"] for n in names],
@@ -442,7 +537,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ),
     ]
     for i, (label, values) in enumerate(series):
-        right.bar([x + (i - 1) * width for x in xs], values, width, label=label)
+        right.bar([x + (i - 1.5) * width for x in xs], values, width, label=label)
     right.set_xticks(list(xs), names, rotation=20)
     right.set_ylabel("MiB per rank (max over ranks)")
     right.set_title(
@@ -474,7 +569,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        default=5.0,
+        default=0.0,
         metavar="S",
         help="before each run, wait up to S seconds for other load to leave the CPU",
     )
@@ -509,21 +604,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not ops_compiled():
         print("untimed warm-up launch of zero2_offload (DeepSpeed compiles its CPU ops)")
-        warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload")
+        warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload", 3)
         print(f"  done in {warm.wall_s:.0f} s (rc {warm.returncode})", flush=True)
 
     runs: list[Run] = []
     for round_ in range(args.rounds):
         for name in round_order(round_):
             waited = wait_for_quiet(args.quiet_wait)
-            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}")
+            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}", args.steps)
             runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
             peak = max(run.peak_rss_mib.values()) if run.peak_rss_mib else float("nan")
+            floor = max(run.floor_rss_mib.values()) if run.floor_rss_mib else float("nan")
             print(
                 f"round {round_ + 1} {name:<14} {status}: median step {run.median_step_s:.3f} s, "
-                f"peak RSS {peak:.0f} MiB, launch {run.wall_s:.0f} s, other load "
-                f"{run.foreign_cpu_share:.0%}" + (f", waited {waited:.0f} s" if waited > 2 else ""),
+                f"peak RSS {peak:.0f} MiB, floor {floor:.0f} MiB, launch {run.wall_s:.0f} s, "
+                f"other load {run.foreign_cpu_share:.0%}"
+                + (f", waited {waited:.0f} s" if waited > 2 else ""),
                 flush=True,
             )
             if run.returncode != 0:
@@ -540,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nfp32 on CPU, {RANKS} ranks, {params / 1e6:.1f}M parameters; 'step s' = median over "
         f"rounds of each run's median step (steps {WARMUP_STEPS + 1}-{args.steps}); "
-        "'- baseline' = peak RSS minus a process that imported the libraries and built the "
-        f"model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB)"
+        "'- baseline': minus the peak RSS of a process that imported the libraries and built "
+        f"the model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB; imports alone "
+        f"{baseline['runtime_rss_mib']:.0f} MiB); peak = ranks' ru_maxrss, floor = lowest RSS "
+        f"sampled every {SAMPLE_EVERY_S} s during steps {WARMUP_STEPS + 1}-{args.steps}; "
+        "states = parameters + gradients + optimizer states per rank"
     )
     print(f"total {wall:.0f} s")
 

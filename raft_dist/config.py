@@ -168,13 +168,38 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     """Read a YAML recipe (or start from defaults), apply `a.b=value` overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = _read_with_parents(Path(path), seen=())
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(raw, key, value)
     recipe = _build(Recipe, raw, prefix="")
     validate(recipe)
     return recipe
+
+
+def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """`extends: other.yaml` (relative to the recipe) starts from another recipe, so variants
+    such as tiny-lora.yaml state only what differs from tiny.yaml."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a recipe path, got {parent!r}")
+    base = _read_with_parents(path.parent / parent, (*seen, path.resolve()))
+    return _deep_merge(base, raw)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

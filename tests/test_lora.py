@@ -1,0 +1,200 @@
+"""LoRA and QLoRA (bitsandbytes 4-bit on CPU) through the same loop, adapters and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    free_port,
+    read_metrics,
+    run_cli,
+    train_losses,
+    write_dataset,
+    write_recipe,
+)
+from safetensors.torch import load_file
+
+from raft_dist.config import Recipe, load_recipe
+from raft_dist.errors import ConfigError
+
+QLORA = {"mode": "4bit", "quant_type": "nf4", "compute_dtype": "bfloat16"}
+
+
+def save_tiny_base(folder: Path, arch: str) -> Path:
+    """A saved random base, so merging has full-precision weights to reload."""
+    from raft_dist.config import ModelConfig
+    from raft_dist.model import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=f"builtin:tiny-{arch}")
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    load_model(cfg, tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bases")
+    return {arch: save_tiny_base(root / arch, arch) for arch in ("llama", "gpt2")}
+
+
+def lora_recipe(tmp_path: Path, base: Path, name: str, quantized: bool, **training) -> Path:
+    if not (tmp_path / "data").exists():
+        write_dataset(tmp_path / "data", [6, 6], eval_sizes=(4,), seed=2)
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        tmp_path / "data",
+        tmp_path / name,
+        model={"name_or_path": str(base), "dtype": "bfloat16" if quantized else "float32"},
+        training={
+            "max_steps": 4,
+            "lr": 1e-2,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "save_every": 2,
+            **training,
+        },
+        lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+        quantization=QLORA if quantized else {"mode": "none"},
+    )
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapters_train_and_nothing_else_does(
+    tmp_path: Path, bases: dict, arch: str, quantized: bool
+) -> None:
+    recipe = lora_recipe(tmp_path, bases[arch], "run", quantized)
+    result = run_cli("train", "--config", str(recipe))
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = read_metrics(tmp_path / "run")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    # Step 3 follows the evaluation at step 2: gradients must not have collapsed to zero.
+    assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
+    adapter = load_file(tmp_path / "run/final/adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B starts at 0
+    assert "trainable" in result.stdout and "MiB in memory" in result.stdout
+    # checkpoints hold the adapter, not the whole model
+    checkpoint = tmp_path / "run/checkpoints/step-00000004"
+    assert (checkpoint / "adapter/adapter_model.safetensors").is_file()
+    assert not list(checkpoint.glob("model*.safetensors"))
+
+
+def test_lora_resume_is_exact(tmp_path: Path, bases: dict) -> None:
+    whole = lora_recipe(tmp_path, bases["llama"], "whole", False)
+    parts = lora_recipe(tmp_path, bases["llama"], "parts", False)
+    assert run_cli("train", "--config", str(whole)).returncode == 0
+    assert run_cli("train", "--config", str(parts), "training.stop_after_steps=2").returncode == 0
+    resumed = run_cli("train", "--config", str(parts), "training.resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+    left = load_file(tmp_path / "whole/final/adapter_model.safetensors")
+    right = load_file(tmp_path / "parts/final/adapter_model.safetensors")
+    assert left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
+
+
+def logits(model_dir: Path, adapter: Path | None = None) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = torch.arange(5, 40).unsqueeze(0)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_merge_equals_adapter_on_full_precision_base(
+    tmp_path: Path, bases: dict, quantized: bool
+) -> None:
+    recipe = lora_recipe(tmp_path, bases["llama"], "run", quantized)
+    assert run_cli("train", "--config", str(recipe)).returncode == 0
+    adapter = tmp_path / "run/final"
+    result = run_cli(
+        "merge",
+        "--base",
+        str(bases["llama"]),
+        "--adapter",
+        str(adapter),
+        "--out",
+        str(tmp_path / "merged"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = logits(tmp_path / "merged")
+    reference = logits(bases["llama"], adapter)  # the adapter on a full-precision reload
+    torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)
+    assert not merged.equal(logits(bases["llama"]))  # the adapter changed something
+
+
+def test_merge_refuses_a_quantized_base(tmp_path: Path, bases: dict) -> None:
+    fake = tmp_path / "quantized"
+    fake.mkdir()
+    config = json.loads((bases["llama"] / "config.json").read_text())
+    config["quantization_config"] = {"load_in_4bit": True}
+    (fake / "config.json").write_text(json.dumps(config))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    result = run_cli(
+        "merge", "--base", str(fake), "--adapter", str(adapter), "--out", str(tmp_path / "out")
+    )
+    assert result.returncode == 2
+    assert "quantized model; merging into quantized weights is lossy" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_qlora_on_two_processes(tmp_path: Path, bases: dict) -> None:
+    recipe = lora_recipe(tmp_path, bases["gpt2"], "ddp", True)
+    result = run_cli(
+        "launch",
+        "--profile",
+        "cpu",
+        "--config",
+        str(recipe),
+        "--main_process_port",
+        str(free_port()),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    facts = [json.loads(p.read_text()) for p in sorted((tmp_path / "ddp/ranks").glob("rank?.json"))]
+    assert [f["world_size"] for f in facts] == [2, 2]
+    assert (tmp_path / "ddp/final/adapter_model.safetensors").is_file()
+
+
+def test_refused_combinations_name_both_settings() -> None:
+    from raft_dist.adapters import check_combination
+
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(ConfigError, match="quantization.mode=4bit needs lora.enabled=true"):
+        load_recipe(root / "configs/tiny.yaml", ["quantization.mode=4bit"])
+    qlora: Recipe = load_recipe(root / "configs/tiny-qlora.yaml")
+    check_combination(qlora, None)
+    check_combination(qlora, 2)
+    with pytest.raises(ConfigError, match="quant_storage=uint8 with DeepSpeed ZeRO-3"):
+        check_combination(qlora, 3)
+    qlora.quantization.quant_storage = "bfloat16"
+    check_combination(qlora, 3)
+    qlora.quantization.mode = "8bit"
+    with pytest.raises(ConfigError, match="8bit with DeepSpeed ZeRO-2"):
+        check_combination(qlora, 2)
+
+
+def test_cpu_4bit_fast_path_is_disabled_on_every_layer() -> None:
+    import bitsandbytes as bnb
+
+    from raft_dist.adapters import disable_cpu_4bit_fast_path, quantization_config
+    from raft_dist.config import ModelConfig, QuantizationConfig
+    from raft_dist.model import load_model, load_tokenizer
+
+    cfg = ModelConfig()
+    model = load_model(cfg, load_tokenizer(cfg), quantization_config(QuantizationConfig("4bit")))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == disable_cpu_4bit_fast_path(model) > 0
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)
