@@ -9,7 +9,7 @@ from the same batch list for all three loops. The time window is the steady stat
 of optimizer step WARMUP_STEPS to the end of the last step, wall clock, so everything a loop does
 between two steps (fetching and tokenizing data, logging, callbacks) is inside it.
 
-    python bench/throughput.py [--pairs 5] [--steps 12] [--out bench/results]
+    python bench/throughput.py [--pairs 7] [--steps 40] [--quiet-wait 120] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -103,24 +103,15 @@ def load_bench_recipe(steps: int, out_dir: Path) -> Any:
 
 
 def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
-    """The batches the raft-dist loop will draw, built once the way the loop builds them."""
-    from raft_dist.data.sources import load_shards
-    from raft_dist.data.streaming import RankStream, StreamSettings
+    """The batches the raft-dist loop will draw, from the streams the loop itself builds."""
+    from raft_dist.data.streaming import build_streams
     from raft_dist.model import load_tokenizer
 
-    t, d = recipe.training, recipe.data
-    settings = StreamSettings(
-        max_seq_len=d.max_seq_len,
-        micro_batch_size=t.micro_batch_size,
-        packing=d.packing,
-        overlong=d.overlong,
-        skip_invalid=d.skip_invalid,
-        shuffle_shards=d.shuffle_shards,
-        seed=t.seed,
+    stream, held_out = build_streams(
+        recipe, load_tokenizer(recipe.model), rank=0, world_size=1, seen_ids=None
     )
-    stream = RankStream(
-        load_shards(d.train, "train"), load_tokenizer(recipe.model), settings, rank=0, world_size=1
-    )
+    if held_out is not None:
+        raise RuntimeError(f"{recipe.data.train} has an eval split: the loop would evaluate")
     batches: list[dict[str, Any]] = []
     while len(batches) < steps:
         batch = stream.next_batch()

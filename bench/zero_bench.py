@@ -583,85 +583,131 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.probe_baseline is not None:
-        print(json.dumps(probe_baseline(args.probe_baseline)))
-        return 0
+def measure(
+    steps: int = DEFAULT_STEPS,
+    rounds: int = DEFAULT_ROUNDS,
+    quiet_wait: float = 0.0,
+    out: Path = ROOT / "bench" / "results",
+    log: Any = print,
+) -> dict[str, Any]:
+    """All launches of one invocation; writes zero.json and zero.png, returns what it wrote.
+
+    Kept apart from main so that bench/run.py can call it like its other benchmarks.
+    """
     started = time.perf_counter()
-    out: Path = args.out
     runs_root = out / "zero_runs"
     shutil.rmtree(runs_root, ignore_errors=True)
     runs_root.mkdir(parents=True)
     params = build_model(out / "zero_model")
-    recipe = write_recipe(runs_root / "recipe.yaml", out / "zero_model", args.steps)
-    print(f"model: {params / 1e6:.1f}M parameters in {out / 'zero_model'}", flush=True)
+    recipe = write_recipe(runs_root / "recipe.yaml", out / "zero_model", steps)
+    log(f"model: {params / 1e6:.1f}M parameters in {out / 'zero_model'}")
     baseline = baseline_rss(out / "zero_model")
-    print(
+    log(
         f"baseline: runtime {baseline['runtime_rss_mib']:.0f} MiB, runtime + model "
-        f"{baseline['runtime_and_model_peak_rss_mib']:.0f} MiB",
-        flush=True,
+        f"{baseline['runtime_and_model_peak_rss_mib']:.0f} MiB"
     )
     if not ops_compiled():
-        print("untimed warm-up launch of zero2_offload (DeepSpeed compiles its CPU ops)")
-        warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload", 3)
-        print(f"  done in {warm.wall_s:.0f} s (rc {warm.returncode})", flush=True)
+        log("untimed warm-up launch of zero2_offload (DeepSpeed compiles its CPU ops)")
+        warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload", steps)
+        log(f"  done in {warm.wall_s:.0f} s (rc {warm.returncode})")
 
     runs: list[Run] = []
-    for round_ in range(args.rounds):
+    for round_ in range(rounds):
         for name in round_order(round_):
-            waited = wait_for_quiet(args.quiet_wait)
-            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}", args.steps)
+            waited = wait_for_quiet(quiet_wait)
+            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}", steps)
             runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
             peak = max(run.peak_rss_mib.values()) if run.peak_rss_mib else float("nan")
             floor = max(run.floor_rss_mib.values()) if run.floor_rss_mib else float("nan")
-            print(
+            log(
                 f"round {round_ + 1} {name:<14} {status}: median step {run.median_step_s:.3f} s, "
                 f"peak RSS {peak:.0f} MiB, floor {floor:.0f} MiB, launch {run.wall_s:.0f} s, "
                 f"other load {run.foreign_cpu_share:.0%}"
-                + (f", waited {waited:.0f} s" if waited > 2 else ""),
-                flush=True,
+                + (f", waited {waited:.0f} s" if waited > 2 else "")
             )
             if run.returncode != 0:
-                print(f"  see {run.run_dir}/launch.log", flush=True)
+                log(f"  see {run.run_dir}/launch.log")
 
     summary = summarize(runs, params, baseline)
-    wall = time.perf_counter() - started
-    print()
-    print(table(summary))
-    contended = [f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > QUIET_SHARE]
-    if contended:
-        print(f"\nother processes took over {QUIET_SHARE:.0%} of the CPU during: ", end="")
-        print(", ".join(contended))
-    print(
-        f"\nfp32 on CPU, {RANKS} ranks, {params / 1e6:.1f}M parameters; 'step s' = median over "
-        f"rounds of each run's median step (steps {WARMUP_STEPS + 1}-{args.steps}); "
-        "'- baseline': minus the peak RSS of a process that imported the libraries and built "
-        f"the model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB; imports alone "
-        f"{baseline['runtime_rss_mib']:.0f} MiB); peak = ranks' ru_maxrss, floor = lowest RSS "
-        f"sampled every {SAMPLE_EVERY_S} s during steps {WARMUP_STEPS + 1}-{args.steps}; "
-        "states = parameters + gradients + optimizer states per rank"
-    )
-    print(f"total {wall:.0f} s")
-
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "wall_s": wall,
-        "steps": args.steps,
-        "rounds": args.rounds,
+        "wall_s": time.perf_counter() - started,
+        "steps": steps,
+        "rounds": rounds,
         "warmup_steps_excluded": WARMUP_STEPS,
         "model_shape": MODEL_SHAPE,
         "model_seed": MODEL_SEED,
         "bytes_per_param": {"fp32_this_run": FP32_ADAM, "paper_mixed_precision": PAPER_MIXED},
         "load_avg_at_end": os.getloadavg(),
+        "contended_runs": [
+            f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > QUIET_SHARE
+        ],
+        "failed_runs": [f"r{r.round + 1} {r.name}" for r in runs if r.returncode != 0],
         "summary": summary,
         "runs": [{**asdict(r), "median_step_s": r.median_step_s} for r in runs],
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "zero.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     plot(summary, out / "zero.png")
-    print(f"written: {out / 'zero.json'}, {out / 'zero.png'}")
-    return 0 if all(r.returncode == 0 for r in runs) else 1
+    return payload
+
+
+def report_lines(payload: dict[str, Any]) -> list[str]:
+    """The table and what its columns mean."""
+    summary, steps = payload["summary"], payload["steps"]
+    baseline = summary["baseline"]
+    lines = [table(summary)]
+    if payload["contended_runs"]:
+        lines.append(
+            f"other processes took over {QUIET_SHARE:.0%} of the CPU during: "
+            + ", ".join(payload["contended_runs"])
+        )
+    if payload["failed_runs"]:
+        lines.append("failed: " + ", ".join(payload["failed_runs"]))
+    lines.append(
+        f"fp32 on CPU, {RANKS} ranks, {summary['parameters'] / 1e6:.1f}M parameters; 'step s' = "
+        f"median over rounds of each run's median step (steps {WARMUP_STEPS + 1}-{steps}); "
+        "'- baseline': minus the peak RSS of a process that imported the libraries and built "
+        f"the model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB; imports alone "
+        f"{baseline['runtime_rss_mib']:.0f} MiB); peak = ranks' ru_maxrss, floor = lowest RSS "
+        f"sampled every {SAMPLE_EVERY_S} s during steps {WARMUP_STEPS + 1}-{steps}; "
+        "states = parameters + gradients + optimizer states per rank"
+    )
+    return lines
+
+
+def report_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, value, target, verdict) rows for bench/run.py's table; there is no target."""
+    rows = []
+    for name, p in payload["summary"]["profiles"].items():
+        exp = p["expected_model_states_mib"]
+        rows.append((f"{name} step time / DDP", f"{p['ratio_to_ddp']:.2f}", "", ""))
+        rows.append(
+            (
+                f"{name} peak RSS MiB (max rank)",
+                f"{p['peak_rss_mib_max_rank']:.0f} (states: fp32 {exp['fp32_this_run']:.0f}, "
+                f"paper {exp['paper_mixed_precision']:.0f})",
+                "",
+                "",
+            )
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.probe_baseline is not None:
+        print(json.dumps(probe_baseline(args.probe_baseline)))
+        return 0
+    payload = measure(
+        args.steps, args.rounds, args.quiet_wait, args.out, lambda s: print(s, flush=True)
+    )
+    print()
+    print("\n\n".join(report_lines(payload)))
+    print(f"total {payload['wall_s']:.0f} s")
+    print(f"written: {args.out / 'zero.json'}, {args.out / 'zero.png'}")
+    return 1 if payload["failed_runs"] else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import click
 
 from raft_dist import __version__
-from raft_dist.cli_generate import generate, validate
+from raft_dist.cli_generate import convert, generate, validate
 from raft_dist.errors import RaftDistError
 
 RECIPE_HELP = "Training recipe (YAML), e.g. configs/tiny.yaml."
@@ -134,6 +134,7 @@ def merge(base: str, adapter: str, out: str, dtype: str) -> None:
 
 cli.add_command(generate)
 cli.add_command(validate)
+cli.add_command(convert)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,8 +120,12 @@ def load_model(
             return model
         import tempfile
 
+        from safetensors.torch import save_model
+
         with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
+            # Every rank needs its own copy; save_pretrained writes on rank 0 only.
+            model.config.save_pretrained(folder)
+            save_model(model, str(Path(folder) / "model.safetensors"))
             return AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, quantization_config=quantization, device_map=device_map
             )

@@ -439,7 +439,7 @@ GOOD = b"The harbour has three cranes. The pier is long and old. " * 4
 @pytest.mark.parametrize(
     ("name", "data", "message"),
     [
-        ("report.pdf", b"%PDF-1.4", "report.pdf: unsupported file type '.pdf'"),
+        ("report.docx", b"PK\x03\x04", "report.docx: unsupported file type '.docx'"),
         ("empty.txt", b"  \n\n", "empty.txt: the file is empty"),
         ("nul.md", b"text\x00more", "nul.md: binary file (NUL byte at offset 4)"),
         ("latin.txt", b"caf\xe9 au lait", "latin.txt: not UTF-8 text: invalid byte 0xe9"),

@@ -341,7 +341,7 @@ def test_openai_from_the_command_line(
     assert "needs a model" in capsys.readouterr().err
     assert run_main(*common, "--out", str(tmp_path / "x"), "--device", "cpu") == 2
     assert "--device applies to --backend hf, not openai" in capsys.readouterr().err
-    assert run_main(*common[:-1], "--out", str(tmp_path / "x"), "--concurrency", "0") == 2
+    assert run_main(*common, "--out", str(tmp_path / "x"), "--concurrency", "0") == 2
     assert "--concurrency must be at least 1" in capsys.readouterr().err
 
 
@@ -359,8 +359,8 @@ def test_answer_checks() -> None:
     other = "##begin_quote## The mill has 6 sails. ##end_quote##\n<ANSWER>: six"
     assert check_answer("Q?", other, oracle) == "quote_not_verbatim"
     questions, dropped = parse_questions("1. Why?\n\n- Why?\nQ3: When?\n", 4)
-    assert questions == ["Why?", "When?"] and dropped == {"duplicate_question": 1,
-                                                          "empty_question": 1}  # fmt: skip
+    assert questions == ["Why?", "When?"]
+    assert dropped == {"duplicate_question": 1, "empty_question": 1}
 
 
 # --------------------------------------------------------------------------- hf backend

@@ -198,3 +198,40 @@ def test_cpu_4bit_fast_path_is_disabled_on_every_layer() -> None:
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == disable_cpu_4bit_fast_path(model) > 0
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+
+
+@pytest.mark.parametrize("profile", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_qlora_under_deepspeed_resumes_exactly(tmp_path: Path, bases: dict, profile: str) -> None:
+    """QLoRA with ZeRO-2/3 on CPU (quant storage = compute dtype): trains, checkpoints hold no
+    frozen base weights, and a stop + resume gives the same adapter bit for bit."""
+
+    def run(name: str, *overrides: str) -> None:
+        recipe = lora_recipe(tmp_path, bases["llama"], name, True, eval_every=0)
+        result = run_cli(
+            "launch",
+            "--profile",
+            profile,
+            "--config",
+            str(recipe),
+            "quantization.quant_storage=bfloat16",
+            *overrides,
+            "--main_process_port",
+            str(free_port()),
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    run("whole")
+    run("parts", "training.stop_after_steps=2")
+    run("parts", "training.resume=latest")
+    facts = [
+        json.loads(p.read_text()) for p in sorted((tmp_path / "parts/ranks").glob("rank?.json"))
+    ]
+    assert {f["engine"] for f in facts} == {"deepspeed"}
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
+    left = load_file(tmp_path / "whole/final/adapter_model.safetensors")
+    right = load_file(tmp_path / "parts/final/adapter_model.safetensors")
+    assert all(left[k].equal(right[k]) for k in left)
+    checkpoint = tmp_path / "whole/checkpoints/step-00000004"
+    size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    base_size = (bases["llama"] / "model.safetensors").stat().st_size
+    assert size < base_size  # adapter + its optimizer state only, no frozen base

@@ -16,12 +16,12 @@ import json
 import os
 import random
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from raft_dist.errors import ConfigError, RaftDistError
@@ -37,6 +37,10 @@ from raft_dist.generate.questions import (
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_BACKOFF = 60.0  # seconds; also the cap on a server's Retry-After
+
+
+class _Stopped(Exception):
+    """The run stopped (an error elsewhere, Ctrl-C): queued requests give up at once."""
 
 
 class _Retryable(Exception):
@@ -109,30 +113,34 @@ class OpenAIBackend:
     # ---- the Backend protocol
 
     def questions(self, chunk: Chunk, count: int, rng: random.Random) -> list[QA]:
-        return answer_chunk(self._complete, chunk, count)[0]
+        return answer_chunk(partial(self._complete, stop=threading.Event()), chunk, count)[0]
 
     def ask_many(self, jobs: Iterable[Job]) -> Iterator[Answered]:
         """Keep up to 2 x concurrency chunks queued so no worker waits, and hand results back
-        in job order. Stopping early cancels what has not started."""
+        in job order. Stopping early cancels what has not started and ends retry waits, so the
+        process does not linger on requests nobody will read."""
+        stop = threading.Event()
+        complete = partial(self._complete, stop=stop)
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="raft-dist-openai")
         pending: deque[tuple[Job, Future]] = deque()
         try:
             for job in jobs:
-                pending.append((job, pool.submit(answer_chunk, self._complete, job[0], job[1])))
+                pending.append((job, pool.submit(answer_chunk, complete, job[0], job[1])))
                 if len(pending) >= 2 * self.concurrency:
                     yield _collect(*pending.popleft())
             while pending:
                 yield _collect(*pending.popleft())
         finally:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- HTTP
 
-    def _complete(self, prompts: list[Messages]) -> list[str]:
+    def _complete(self, prompts: list[Messages], *, stop: threading.Event) -> list[str]:
         """One request per prompt, one after another (parallelism is across chunks)."""
-        return [self._chat(messages) for messages in prompts]
+        return [self._chat(messages, stop) for messages in prompts]
 
-    def _chat(self, messages: Messages) -> str:
+    def _chat(self, messages: Messages, stop: threading.Event) -> str:
         body = json.dumps(
             {
                 "model": self.model,
@@ -146,6 +154,8 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = ""
         for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                raise _Stopped
             try:
                 return self._post(body, headers)
             except _Retryable as exc:
@@ -157,7 +167,7 @@ class OpenAIBackend:
                     delay = max(delay, min(exc.retry_after, MAX_BACKOFF))
                 with self._lock:
                     delay *= 1 + 0.25 * self._jitter.random()
-                time.sleep(delay)
+                stop.wait(delay)
         raise RaftDistError(
             f"openai backend: {self.url} failed {self.max_retries + 1} times; last error: {last}"
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raft_dist.errors import ConfigError, DataError
 
-SOURCE_SUFFIXES = (".txt", ".md", ".jsonl")
+SOURCE_SUFFIXES = (".txt", ".md", ".jsonl", ".pdf")  # .pdf needs the [pdf] extra
 MIN_CHUNK_SIZE = 100
 
 # A sentence ends at . ! or ? (plus closing quotes/brackets) when whitespace and a capital letter,
@@ -74,7 +74,7 @@ def find_sources(specs: Sequence[str], *, exclude: Path | None = None) -> list[P
         if path.is_dir():
             files = sorted(_walk(path, excluded))
             if not files:
-                raise DataError(path, None, "the folder holds no .txt, .md or .jsonl file")
+                raise DataError(path, None, "the folder holds no .txt, .md, .jsonl or .pdf file")
         elif path.exists():
             files = [path]
         else:
@@ -85,7 +85,7 @@ def find_sources(specs: Sequence[str], *, exclude: Path | None = None) -> list[P
                     file,
                     None,
                     f"unsupported file type '{file.suffix or file.name}' "
-                    "(supported: .txt, .md, .jsonl)",
+                    "(supported: .txt, .md, .jsonl, .pdf)",
                 )
             key = file.resolve()
             if key not in seen:
@@ -130,6 +130,10 @@ def read_source(path: Path) -> tuple[SourceFile, str]:
     except OSError as exc:
         raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
     source = SourceFile(path=str(path), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    if path.suffix.lower() == ".pdf":
+        from raft_dist.generate.pdf import pdf_text
+
+        return source, pdf_text(path, data)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     nul = data.find(b"\x00")

@@ -33,6 +33,10 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def _deepspeed(accelerator: Any) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
@@ -69,6 +73,7 @@ def save_checkpoint(
     streams: dict[str, Any],
     trainer_state: dict[str, Any],
     keep_last: int,
+    adapters_only: bool = False,
 ) -> Path:
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
@@ -76,7 +81,11 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    # DeepSpeed saves through its engine, not the pre-hook: tell it to skip the frozen base.
+    engine_kwargs = (
+        {"exclude_frozen_parameters": True} if adapters_only and _deepspeed(accelerator) else {}
+    )
+    accelerator.save_state(str(tmp), **engine_kwargs)
     rank = accelerator.process_index
     for name, stream in streams.items():
         write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
@@ -92,8 +101,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path, streams: dict[str, Any]) -> dict[str, Any]:
-    accelerator.load_state(str(path))
+def load_checkpoint(
+    accelerator: Any, path: Path, streams: dict[str, Any], adapters_only: bool = False
+) -> dict[str, Any]:
+    engine_kwargs = (
+        {"load_module_strict": False} if adapters_only and _deepspeed(accelerator) else {}
+    )
+    accelerator.load_state(str(path), **engine_kwargs)
     rank = accelerator.process_index
     for name, stream in streams.items():
         state_file = data_state_file(path, name, rank)

@@ -122,9 +122,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    state = {"step": 0, "target_tokens": 0.0, "input_tokens": 0.0, "evals": []}
+    state = {"step": 0, "epoch_steps": 0, "target_tokens": 0.0, "input_tokens": 0.0, "evals": []}
     if resume_from is not None:
-        state.update(load_checkpoint(accelerator, resume_from, streams))
+        state.update(load_checkpoint(accelerator, resume_from, streams, recipe.lora.enabled))
         log.info("resumed from %s at step %d", resume_from, state["step"])
     shards_per_rank = gather_object([train_stream.shard_count])
     if accelerator.is_main_process:
@@ -154,7 +154,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         _record_eval(
             state, 0, evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics
         )
-    steps_this_run, steps_this_epoch = 0, 0
+    steps_this_run = 0
     model.train()
     while state["step"] < total_steps:
         started = time.perf_counter()
@@ -165,13 +165,13 @@ def train(recipe: Recipe) -> dict[str, Any]:
         ]
         global_tokens, global_batches = _gather_sums(accelerator, local)
         if global_batches == 0:  # every rank finished its range: the epoch is over
-            if steps_this_epoch == 0:
+            if state["epoch_steps"] == 0:
                 raise DataError(d.train, None, "no example left to train on (all dropped?)")
             epoch = train_stream.state.epoch + 1
             if t.max_steps is None and epoch >= t.epochs:
                 break
             train_stream.start_epoch(epoch)
-            steps_this_epoch = 0
+            state["epoch_steps"] = 0
             continue
 
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -199,7 +199,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         state["target_tokens"] += global_tokens
         state["input_tokens"] += window_inputs
         steps_this_run += 1
-        steps_this_epoch += 1
+        state["epoch_steps"] += 1  # in the checkpoint: a resume may land on an epoch's end
         step = state["step"]
         elapsed = time.perf_counter() - started
         if step % t.log_every == 0 or step == total_steps:
@@ -222,7 +222,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             )
         stopping = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
-            path = save_checkpoint(accelerator, checkpoint_root, step, streams, state, t.keep_last)
+            path = save_checkpoint(
+                accelerator, checkpoint_root, step, streams, state, t.keep_last, recipe.lora.enabled
+            )
             log.info("checkpoint %s", path)
         if stopping and step < total_steps:
             log.info("stopping after %d steps as asked (training.stop_after_steps)", steps_this_run)
