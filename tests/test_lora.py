@@ -235,3 +235,37 @@ def test_qlora_under_deepspeed_resumes_exactly(tmp_path: Path, bases: dict, prof
     size = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
     base_size = (bases["llama"] / "model.safetensors").stat().st_size
     assert size < base_size  # adapter + its optimizer state only, no frozen base
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_only_lora_parameters_change(quantized: bool) -> None:
+    """After optimizer steps through raft-dist's model wrapping, every frozen base tensor is
+    bit-identical and every adapter tensor that received a gradient has moved."""
+    from raft_dist.adapters import build_training_model
+    from raft_dist.config import load_recipe
+    from raft_dist.model import load_tokenizer
+    from raft_dist.train.loop import token_loss_sum
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(
+        root / ("configs/tiny-qlora.yaml" if quantized else "configs/tiny-lora.yaml")
+    )
+    tokenizer = load_tokenizer(recipe.model)
+    torch.manual_seed(0)
+    model = build_training_model(recipe, tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(5, len(tokenizer), (2, 24))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    for _ in range(2):
+        loss, count = token_loss_sum(model, batch)
+        (loss / count).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not param.detach().equal(before[name]), name
+        else:
+            assert param.detach().equal(before[name]), name
