@@ -60,6 +60,33 @@ def run_cli(
     )
 
 
+def launch(recipe: Path, profile: str = "cpu", *overrides: str) -> subprocess.CompletedProcess:
+    """`raft-dist launch` on a free port; fails the test with the ranks' output on error."""
+    result = run_cli(
+        "launch",
+        "--profile",
+        profile,
+        "--config",
+        str(recipe),
+        *overrides,
+        "--main_process_port",
+        str(free_port()),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def rank_facts(run_dir: Path) -> list[dict]:
+    """What each rank recorded about itself (world size, engine, backend, ZeRO stage)."""
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank?.json"))]
+
+
+def seen_ids(run_dir: Path) -> list[str]:
+    """Record ids every rank read (data.record_audit), in rank order."""
+    files = sorted((run_dir / "audit").glob("seen_ids_rank*.txt"))
+    return [i for file in files for i in file.read_text(encoding="utf-8").split()]
+
+
 def sentence(rng: random.Random, low: int, high: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) + "."
 

@@ -7,7 +7,6 @@ references for the resume tests.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -17,9 +16,11 @@ from conftest import (
     RAFT_DIST,
     ROOT,
     free_port,
+    launch,
     offline_env,
+    rank_facts,
     read_metrics,
-    run_cli,
+    seen_ids,
     train_losses,
     write_dataset,
     write_recipe,
@@ -30,29 +31,6 @@ pytestmark = pytest.mark.distributed
 
 SHARDS = [7, 3, 9, 6, 4]
 STEPS = 4
-
-
-def launch(recipe: Path, profile: str, *overrides: str) -> subprocess.CompletedProcess:
-    result = run_cli(
-        "launch",
-        "--profile",
-        profile,
-        "--config",
-        str(recipe),
-        *overrides,
-        "--main_process_port",
-        str(free_port()),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def rank_facts(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank?.json"))]
-
-
-def seen_ids(run_dir: Path) -> list[str]:
-    return [i for p in sorted((run_dir / "audit").glob("*.txt")) for i in p.read_text().split()]
 
 
 def same_weights(a: Path, b: Path) -> bool:

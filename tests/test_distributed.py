@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    free_port,
+    launch,
     offline_env,
+    rank_facts,
     read_metrics,
     run_cli,
+    seen_ids,
     train_losses,
     write_dataset,
     write_recipe,
@@ -26,28 +28,6 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.distributed
 
 SHARDS = [7, 3, 9, 6, 4]  # 29 records: ranks own 14 and 15
-
-
-def launch(recipe: Path, *overrides: str, profile: str = "cpu") -> None:
-    result = run_cli(
-        "launch",
-        "--profile",
-        profile,
-        "--config",
-        str(recipe),
-        *overrides,
-        "--main_process_port",
-        str(free_port()),
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def seen_ids(run_dir: Path) -> list[str]:
-    ids: list[str] = []
-    for file in sorted((run_dir / "audit").glob("seen_ids_rank*.txt")):
-        ids += file.read_text(encoding="utf-8").split()
-    return ids
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +48,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     recipe_a = write_recipe(root / "a.yaml", root / "data", root / "run_a", **common)
     recipe_b = write_recipe(root / "b.yaml", root / "data", root / "run_b", **common)
     out_a = launch(recipe_a)
-    launch(recipe_b, "training.stop_after_steps=3")
+    launch(recipe_b, "cpu", "training.stop_after_steps=3")
     stopped = sorted(p.name for p in (root / "run_b" / "checkpoints").iterdir())
-    launch(recipe_b, "training.resume=latest")
+    launch(recipe_b, "cpu", "training.resume=latest")
     return {
         "ids": ids,
         "a": root / "run_a",
@@ -81,7 +61,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_two_real_processes_with_gloo(runs: dict) -> None:
-    facts = [json.loads(p.read_text()) for p in sorted((runs["a"] / "ranks").glob("rank?.json"))]
+    facts = rank_facts(runs["a"])
     assert [f["rank"] for f in facts] == [0, 1]
     for fact in facts:
         assert fact["world_size"] == 2
@@ -163,7 +143,7 @@ def test_accumulation_equivalence_on_one_and_two_processes(tmp_path: Path) -> No
             result = run_cli("train", "--config", str(recipe), "output.save_final_model=false")
             assert result.returncode == 0, result.stderr[-4000:]
         else:
-            launch(recipe, "output.save_final_model=false")
+            launch(recipe, "cpu", "output.save_final_model=false")
         return read_metrics(tmp_path / name)[0]
 
     big = one_step("mb8", 8, 1, 1)

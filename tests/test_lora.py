@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    free_port,
+    launch,
+    rank_facts,
     read_metrics,
     run_cli,
     train_losses,
@@ -153,17 +154,8 @@ def test_merge_refuses_a_quantized_base(tmp_path: Path, bases: dict) -> None:
 
 def test_qlora_on_two_processes(tmp_path: Path, bases: dict) -> None:
     recipe = lora_recipe(tmp_path, bases["gpt2"], "ddp", True)
-    result = run_cli(
-        "launch",
-        "--profile",
-        "cpu",
-        "--config",
-        str(recipe),
-        "--main_process_port",
-        str(free_port()),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    facts = [json.loads(p.read_text()) for p in sorted((tmp_path / "ddp/ranks").glob("rank?.json"))]
+    launch(recipe, "cpu")
+    facts = rank_facts(tmp_path / "ddp")
     assert [f["world_size"] for f in facts] == [2, 2]
     assert (tmp_path / "ddp/final/adapter_model.safetensors").is_file()
 
@@ -207,25 +199,12 @@ def test_qlora_under_deepspeed_resumes_exactly(tmp_path: Path, bases: dict, prof
 
     def run(name: str, *overrides: str) -> None:
         recipe = lora_recipe(tmp_path, bases["llama"], name, True, eval_every=0)
-        result = run_cli(
-            "launch",
-            "--profile",
-            profile,
-            "--config",
-            str(recipe),
-            "quantization.quant_storage=bfloat16",
-            *overrides,
-            "--main_process_port",
-            str(free_port()),
-        )
-        assert result.returncode == 0, result.stderr[-4000:]
+        launch(recipe, profile, "quantization.quant_storage=bfloat16", *overrides)
 
     run("whole")
     run("parts", "training.stop_after_steps=2")
     run("parts", "training.resume=latest")
-    facts = [
-        json.loads(p.read_text()) for p in sorted((tmp_path / "parts/ranks").glob("rank?.json"))
-    ]
+    facts = rank_facts(tmp_path / "parts")
     assert {f["engine"] for f in facts} == {"deepspeed"}
     assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
     left = load_file(tmp_path / "whole/final/adapter_model.safetensors")
