@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_startup  # noqa: E402
 import throughput  # noqa: E402
+import zero_bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 Row = tuple[str, str, str, str]
@@ -79,6 +80,13 @@ BENCHMARKS = [
             a.pairs, a.steps, a.quiet_wait, log=lambda line: print(line, flush=True)
         ),
         throughput_rows,
+    ),
+    Benchmark(
+        "zero",
+        lambda a: zero_bench.measure(
+            a.zero_steps, a.zero_rounds, out=a.out, log=lambda line: print(line, flush=True)
+        ),
+        zero_bench.report_rows,
     ),
 ]
 
@@ -174,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="seconds in all to wait for other load to leave the CPU",
     )
+    parser.add_argument("--zero-steps", type=int, default=zero_bench.DEFAULT_STEPS)
+    parser.add_argument("--zero-rounds", type=int, default=zero_bench.DEFAULT_ROUNDS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument(
         "--only", nargs="*", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks"
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.extend(bench.rows(results[bench.name]))
     if "throughput" in results:
         print("\n".join(throughput.report_lines(results["throughput"])))
+    if "zero" in results:
+        print("\n\n".join(zero_bench.report_lines(results["zero"])))
     wall = time.perf_counter() - started
     env["load_avg_at_end"] = os.getloadavg()
     print()

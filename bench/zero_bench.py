@@ -1,6 +1,6 @@
 """ZeRO-1/2/3 and ZeRO-2 offload against DDP: step time and peak memory per rank, in one run.
 
-    .venv/bin/python bench/zero_bench.py [--steps 8] [--rounds 2] [--out bench/results]
+    .venv/bin/python bench/zero_bench.py [--steps 6] [--rounds 2] [--quiet-wait S] [--out DIR]
 
 Every run is a real 2-process `raft-dist launch` of the same recipe (a random 30M-parameter
 Llama, fp32, CPU) with only the profile changed. Step times come from each run's
