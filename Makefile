@@ -38,6 +38,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/generate_bench.py
 
 lint: install
 	$(BIN)/ruff format --check raft_dist launch tests bench data
