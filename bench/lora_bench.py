@@ -226,50 +226,77 @@ def measure(
     }
 
 
-def table(payload: dict[str, Any]) -> str:
-    """Markdown, for the terminal and for bench/README.md."""
-    header = (
-        "variant",
-        "weights MiB (x fp32)",
-        "of which adapters",
-        "quant state",
-        "trainable params",
-        "RSS imports",
-        "RSS loaded",
-        "peak RSS MiB (x fp32)",
-        "train peak",
-        "step s (x fp32)",
-        "other load",
-    )
-
-    def mib(value: float | None) -> str:
-        return "-" if value is None else f"{value / MIB:.0f}"
-
-    rows = [header]
-    for name, v in payload["variants"].items():
-        r = v["ratio_to_fp32"]
-        rows.append(
-            (
-                name,
-                f"{v['base_footprint_bytes'] / MIB:.1f} ({r['base_footprint_bytes']:.3f})",
-                f"{v['adapter_bytes'] / MIB:.1f}",
-                f"{v['quant_state_bytes'] / MIB:.1f}",
-                f"{v['trainable_params'] / 1e6:.2f}M ({v['trainable_share']:.2%})",
-                mib(v["rss_after_imports_bytes"]),
-                mib(v["rss_after_load_bytes"]),
-                f"{v['peak_rss_bytes'] / MIB:.0f} ({r['peak_rss_bytes']:.2f})",
-                mib(v["train_peak_rss_bytes"]),
-                f"{v['median_step_s']:.2f} ({r['median_step_s']:.2f})",
-                f"{v['other_load_during_timed_steps']:.0%}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+def markdown(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
 
     def line(row: tuple[str, ...]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
 
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / MIB:.0f}"
+
+
+def tables(payload: dict[str, Any]) -> str:
+    """Two markdown tables, weights and process, for the terminal and for bench/README.md."""
+    weights: list[tuple[str, ...]] = [
+        (
+            "variant",
+            "weights MiB (x fp32)",
+            "of which adapters MiB",
+            "frozen weights (x fp32)",
+            "4-bit quant state MiB",
+            "bits per 4-bit weight",
+            "trainable params",
+        )
+    ]
+    process: list[tuple[str, ...]] = [
+        (
+            "variant",
+            "RSS after imports MiB",
+            "RSS after load MiB",
+            "of which malloc free MiB",
+            "peak RSS MiB (x fp32)",
+            "training peak MiB (x fp32)",
+            "step s (x fp32)",
+            "step CPU s",
+            "other load",
+        )
+    ]
+    for name, v in payload["variants"].items():
+        r = v["ratio_to_fp32"]
+        bits = v["bits_per_quantized_weight"]
+        train_peak = v["train_peak_rss_bytes"]
+        weights.append(
+            (
+                name,
+                f"{v['base_footprint_bytes'] / MIB:.1f} ({r['base_footprint_bytes']:.3f})",
+                f"{v['adapter_bytes'] / MIB:.1f}",
+                f"{v['frozen_weight_bytes'] / MIB:.1f} ({r['frozen_weight_bytes']:.3f})",
+                f"{v['quant_state_bytes'] / MIB:.2f}",
+                "-" if bits is None else f"{bits:.3f}",
+                f"{v['trainable_params'] / 1e6:.2f}M ({v['trainable_share']:.2%})",
+            )
+        )
+        process.append(
+            (
+                name,
+                mib(v["rss_after_imports_bytes"]),
+                mib(v["rss_after_load_bytes"]),
+                mib(v["malloc_free_after_load_bytes"]),
+                f"{v['peak_rss_bytes'] / MIB:.0f} ({r['peak_rss_bytes']:.2f})",
+                "-"
+                if train_peak is None
+                else f"{mib(train_peak)} ({r['train_peak_rss_bytes']:.2f})",
+                f"{v['median_step_s']:.2f} ({r['median_step_s']:.2f})",
+                f"{v['median_step_cpu_s']:.2f}",
+                f"{v['other_load_during_timed_steps']:.0%}",
+            )
+        )
+    return markdown(weights) + "\n\n" + markdown(process)
 
 
 def report_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -351,21 +378,48 @@ def grad_norm(params: list[Any]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
-def quant_state_bytes(model: Any) -> int:
-    """bitsandbytes keeps absmax and codebooks beside the packed 4-bit weights, outside the
-    parameters that get_memory_footprint counts."""
-    total = 0
+def quantized_weights(model: Any) -> dict[str, int]:
+    """Weights stored in 4 bits: how many, their packed bytes, and the bytes of the absmax and
+    codebooks that bitsandbytes keeps beside them, outside what get_memory_footprint counts."""
+    import math
+
+    count = packed = state_bytes = 0
     seen: set[int] = set()
     for param in model.parameters():
         state = getattr(param, "quant_state", None)
+        if state is None:
+            continue
+        count += math.prod(state.shape)
+        packed += param.numel() * param.element_size()
         while state is not None and id(state) not in seen:
             seen.add(id(state))
             for name in ("absmax", "code", "offset"):
                 tensor = getattr(state, name, None)
                 if tensor is not None and hasattr(tensor, "element_size"):
-                    total += tensor.numel() * tensor.element_size()
+                    state_bytes += tensor.numel() * tensor.element_size()
             state = getattr(state, "state2", None)
-    return total
+    return {"count": count, "packed_bytes": packed, "quant_state_bytes": state_bytes}
+
+
+def malloc_free_bytes() -> int | None:
+    """Freed memory glibc keeps in its heaps (mallinfo2 fordblks): part of RSS that no tensor
+    uses any more, e.g. the 16-bit copies bitsandbytes quantized from."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+            ).split()
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+    except (OSError, AttributeError):
+        return None
+    return int(libc.mallinfo2().fordblks)
 
 
 def child(args: argparse.Namespace) -> int:
@@ -396,6 +450,7 @@ def child(args: argparse.Namespace) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     load_peak = max_rss_bytes()
     rss_loaded = status_kib("VmRSS")
+    malloc_free = malloc_free_bytes()
     can_reset = reset_peak_rss()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -427,6 +482,7 @@ def child(args: argparse.Namespace) -> int:
     train_peak = max_rss_bytes()
     hwm = status_kib("VmHWM")
 
+    quantized = quantized_weights(base)
     result = {
         "overrides": overrides,
         "torch_threads": torch.get_num_threads(),
@@ -434,12 +490,19 @@ def child(args: argparse.Namespace) -> int:
         # get_memory_footprint of the model peft wraps: frozen weights plus injected adapters.
         "base_footprint_bytes": base.get_memory_footprint(),
         "adapter_bytes": adapter_bytes(base),
-        "quant_state_bytes": quant_state_bytes(base),
+        "quant_state_bytes": quantized["quant_state_bytes"],
+        "quantized_weights": quantized["count"],
+        "bits_per_quantized_weight": (
+            8 * (quantized["packed_bytes"] + quantized["quant_state_bytes"]) / quantized["count"]
+            if quantized["count"]
+            else None
+        ),
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
         "base_weight_dtypes": sorted({str(p.dtype) for p in base.parameters()}),
         "rss_after_imports_bytes": None if rss_imports is None else rss_imports * 1024,
         "rss_after_load_bytes": None if rss_loaded is None else rss_loaded * 1024,
+        "malloc_free_after_load_bytes": malloc_free,
         "load_peak_rss_bytes": load_peak,
         # ru_maxrss over the whole process: loading, optimizer states and training steps.
         "peak_rss_bytes": max(load_peak, train_peak),
@@ -489,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = measure(args.steps, args.warmup, args.seq_len, log=lambda s: print(s, flush=True))
     payload["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     print()
-    print(table(payload))
+    print(tables(payload))
     target = payload["target"]
     print(
         f"\nQLoRA/fp32 weight footprint {target['value']:.3f} (target <= {TARGET_RATIO}): "

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_startup  # noqa: E402
+import lora_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
 
@@ -87,6 +88,11 @@ BENCHMARKS = [
             a.zero_steps, a.zero_rounds, out=a.out, log=lambda line: print(line, flush=True)
         ),
         zero_bench.report_rows,
+    ),
+    Benchmark(
+        "lora",
+        lambda a: lora_bench.measure(log=lambda line: print(line, flush=True)),
+        lora_bench.report_rows,
     ),
 ]
 
@@ -231,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         plot = args.out / "throughput.png"
         plot_throughput(results["throughput"], plot)
         written.append(plot)
+    if "lora" in results:
+        print(lora_bench.tables(results["lora"]))
+        lora_json = args.out / "lora.json"
+        lora_json.write_text(json.dumps(results["lora"], indent=1), encoding="utf-8")
+        written.append(lora_json)
     print("written: " + ", ".join(str(p) for p in written))
     return 0
 
