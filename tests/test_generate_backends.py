@@ -187,17 +187,20 @@ class FakeChat:
                 try:
                     time.sleep(chat.delay)
                     if action in ("500", "429"):
-                        self.send(int(action), {"error": {"message": "try again"}})
-                        return
-                    if action == "sleep":
-                        time.sleep(chat.sleep)
-                    assert request["model"] == "fake-model" and request["temperature"] == 0.0
-                    content = chat.reply(request["messages"][-1]["content"])
-                    message = {"role": "assistant", "content": content}
-                    self.send(200, {"choices": [{"index": 0, "message": message}]})
+                        status, payload = int(action), {"error": {"message": "try again"}}
+                    else:
+                        if action == "sleep":
+                            time.sleep(chat.sleep)
+                        assert request["model"] == "fake-model" and request["temperature"] == 0.0
+                        content = chat.reply(request["messages"][-1]["content"])
+                        message = {"role": "assistant", "content": content}
+                        status, payload = 200, {"choices": [{"index": 0, "message": message}]}
                 finally:
+                    # Before the reply is written: once the client has it, it may send the
+                    # next request before this thread gets to run again.
                     with chat.lock:
                         chat.in_flight -= 1
+                self.send(status, payload)
 
         return Handler
 

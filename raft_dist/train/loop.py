@@ -230,7 +230,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
             log.info("stopping after %d steps as asked (training.stop_after_steps)", steps_this_run)
             metrics.close()
             _write_audit(run_dir, rank, seen_ids)
-            accelerator.end_training()
+            finish(accelerator)
             return {"steps": step, "stopped_early": True}
 
     # ---- finish --------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         print(_summary_text(summary, run_dir), flush=True)
     _write_audit(run_dir, rank, seen_ids)
     _write_rank_peak_memory(run_dir, rank)
-    accelerator.end_training()
+    finish(accelerator)
     return summary
 
 
@@ -348,6 +348,17 @@ def _summary_text(summary: dict, run_dir: Path) -> str:
         lines.append(f"  model          {summary['model_dir']}")
     lines.append(f"  metrics        {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir})")
     return "\n".join(lines)
+
+
+def finish(accelerator: Any) -> None:
+    """Close trackers and the process group before exit: a group left for interpreter
+    teardown can abort a rank ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
 
 def _write_audit(run_dir: Path, rank: int, seen_ids: list[str] | None) -> None:
