@@ -41,12 +41,12 @@ bench: install
 	$(BIN)/python bench/generate_bench.py
 
 lint: install
-	$(BIN)/ruff format --check raft_dist launch tests bench data
-	$(BIN)/ruff check raft_dist launch tests bench data
+	$(BIN)/ruff format --check raft_dist launch tests bench data ds_configs
+	$(BIN)/ruff check raft_dist launch tests bench data ds_configs
 
 format: install
-	$(BIN)/ruff format raft_dist launch tests bench data
-	$(BIN)/ruff check --fix raft_dist launch tests bench data
+	$(BIN)/ruff format raft_dist launch tests bench data ds_configs
+	$(BIN)/ruff check --fix raft_dist launch tests bench data ds_configs
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
