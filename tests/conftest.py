@@ -152,6 +152,21 @@ def write_recipe(path: Path, data_dir: Path, out: Path, **sections: dict) -> Pat
     return path
 
 
+def one_step_recipe(
+    tmp_path: Path, name: str, micro_batch: int, accumulation: int, **sections: dict
+) -> Path:
+    """One optimizer step over tmp_path/data without clipping: for gradient-norm comparisons."""
+    training = {
+        "micro_batch_size": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "max_steps": 1,
+        "max_grad_norm": 0.0,
+    }
+    return write_recipe(
+        tmp_path / f"{name}.yaml", tmp_path / "data", tmp_path / name, training=training, **sections
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]

@@ -18,6 +18,7 @@ from conftest import (
     free_port,
     launch,
     offline_env,
+    one_step_recipe,
     rank_facts,
     read_metrics,
     seen_ids,
@@ -169,18 +170,7 @@ def test_accumulation_equivalence_under_zero2(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data", [8], seed=3)
     norms = []
     for name, mb, acc in [("mb4", 4, 1), ("acc4", 1, 4)]:
-        recipe = write_recipe(
-            tmp_path / f"{name}.yaml",
-            tmp_path / "data",
-            tmp_path / name,
-            training={
-                "micro_batch_size": mb,
-                "gradient_accumulation_steps": acc,
-                "max_steps": 1,
-                "max_grad_norm": 0.0,
-            },
-            output={"save_final_model": False},
-        )
+        recipe = one_step_recipe(tmp_path, name, mb, acc, output={"save_final_model": False})
         launch(recipe, "deepspeed_zero2")
         norms.append(read_metrics(tmp_path / name)[0])
     assert norms[0]["target_tokens"] == norms[1]["target_tokens"]

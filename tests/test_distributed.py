@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     launch,
     offline_env,
+    one_step_recipe,
     rank_facts,
     read_metrics,
     run_cli,
@@ -128,17 +129,7 @@ def test_accumulation_equivalence_on_one_and_two_processes(tmp_path: Path) -> No
     assert max(lengths) > 2 * min(lengths)  # variable length is the point of the test
 
     def one_step(name: str, mb: int, acc: int, processes: int) -> dict:
-        recipe = write_recipe(
-            tmp_path / f"{name}.yaml",
-            tmp_path / "data",
-            tmp_path / name,
-            training={
-                "micro_batch_size": mb,
-                "gradient_accumulation_steps": acc,
-                "max_steps": 1,
-                "max_grad_norm": 0.0,
-            },
-        )
+        recipe = one_step_recipe(tmp_path, name, mb, acc)
         if processes == 1:
             result = run_cli("train", "--config", str(recipe), "output.save_final_model=false")
             assert result.returncode == 0, result.stderr[-4000:]
