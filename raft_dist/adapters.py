@@ -11,14 +11,7 @@ from typing import Any
 
 from raft_dist.config import LoraConfig, QuantizationConfig, Recipe
 from raft_dist.errors import ConfigError
-
-DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "uint8": "uint8"}
-
-
-def _dtype(name: str) -> Any:
-    import torch
-
-    return getattr(torch, DTYPES[name])
+from raft_dist.model import enable_gradient_checkpointing, torch_dtype
 
 
 def quantization_config(cfg: QuantizationConfig) -> Any | None:
@@ -32,8 +25,8 @@ def quantization_config(cfg: QuantizationConfig) -> Any | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=_dtype(cfg.compute_dtype),
-        bnb_4bit_quant_storage=_dtype(cfg.quant_storage),
+        bnb_4bit_compute_dtype=torch_dtype(cfg.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(cfg.quant_storage),
     )
 
 
@@ -59,10 +52,9 @@ def wrap_with_lora(model: Any, lora: LoraConfig, *, gradient_checkpointing: bool
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        # Non-reentrant: with the reentrant variant LoRA grads inside blocks are missing.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
+        # The frozen embeddings give no grad-requiring input to the first checkpointed block.
         model.enable_input_require_grads()
-        model.config.use_cache = False
     peft_config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -79,12 +71,7 @@ def check_combination(recipe: Recipe, zero_stage: int | None) -> None:
     """Refuse quantization settings that the chosen engine cannot use, naming both settings."""
     q = recipe.quantization
     if q.mode == "none":
-        return
-    if not recipe.lora.enabled:
-        raise ConfigError(
-            f"quantization.mode={q.mode} needs lora.enabled=true: quantized weights are frozen, "
-            "only adapters can train"
-        )
+        return  # "quantization needs LoRA" is a recipe rule: config.validate states it
     if zero_stage is not None and q.mode == "8bit":
         raise ConfigError(
             f"quantization.mode=8bit with DeepSpeed ZeRO-{zero_stage}: bitsandbytes 8-bit weights "
@@ -114,10 +101,7 @@ def build_training_model(recipe: Recipe, tokenizer: Any, device_map: Any = None)
         checkpointing = quantized
     if not recipe.lora.enabled:
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            model.config.use_cache = False
+            enable_gradient_checkpointing(model)
         return model
     disable_cpu_4bit_fast_path(model)
     return wrap_with_lora(model, recipe.lora, gradient_checkpointing=checkpointing)

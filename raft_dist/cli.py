@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -77,9 +78,10 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
           --main_process_ip 10.0.0.1
     """
     from raft_dist.config import load_recipe
-    from raft_dist.data.validate import preflight
+    from raft_dist.data.check import check_data, write_stamp
     from raft_dist.launcher import describe, plan_launch, run, split_args
     from raft_dist.model import resolve_pretrained
+    from raft_dist.rundir import RunDir
 
     overrides, accelerate_args = split_args(list(args))
     recipe = load_recipe(recipe_path, overrides)
@@ -90,9 +92,13 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
         click.echo("# command")
         click.echo(describe(plan))
         return
-    counts = preflight(recipe)
+    if plan.machine_rank == 0:
+        # The one full check of the data; the stamp tells the ranks they need not repeat it.
+        # Other machines skip it: global rank 0 runs on machine 0 and reads the stamp there.
+        check = check_data(recipe.data)
+        write_stamp(RunDir(Path(recipe.output.dir)).data_stamp, check, recipe.data)
+        click.echo(f"data ok: {check.counts()}", err=True)
     resolve_pretrained(recipe.model.name_or_path)  # convert the bundled model once, not per rank
-    click.echo(f"data ok: {counts}", err=True)
     click.echo(f"+ {describe(plan)}", err=True)
     code = run(plan)
     if code != 0:

@@ -17,12 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raft_dist.contract import Contract
+from raft_dist.env import env_flag
 from raft_dist.errors import ConfigError
 from raft_dist.resources import entry_script, resolve_profile, resource_dir
-from raft_dist.train.setup import EXPECT_ENGINE, EXPECT_WORLD_SIZE, EXPECT_ZERO_STAGE
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
-TRUE = ("1", "true", "yes")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class LaunchPlan:
     engine: str = "single"
     zero_stage: int | None = None
     num_machines: int = 1
+    machine_rank: int = 0
+    device: str | None = None  # "cuda" when the profile asks for GPUs, "cpu", or None: either
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -70,7 +72,7 @@ def plan_launch(
     dtype = str(getattr(cfg.distributed_type, "value", cfg.distributed_type))
     deepspeed = dtype == "DEEPSPEED" or "--use_deepspeed" in accelerate_args
     use_cpu = bool(cfg.use_cpu) or "--cpu" in accelerate_args
-    if deepspeed and (use_cpu or environ.get("ACCELERATE_USE_CPU", "").lower() in TRUE):
+    if deepspeed and (use_cpu or env_flag("ACCELERATE_USE_CPU", environ)):
         raise ConfigError(
             f"--profile {profile}: DeepSpeed together with use_cpu/--cpu/ACCELERATE_USE_CPU: "
             "Accelerate would silently drop DeepSpeed. On CPU-only machines DeepSpeed picks its "
@@ -83,6 +85,7 @@ def plan_launch(
         )
     num_processes = int(_option(accelerate_args, "num_processes") or cfg.num_processes or 1)
     num_machines = int(_option(accelerate_args, "num_machines") or cfg.num_machines or 1)
+    machine_rank = int(_option(accelerate_args, "machine_rank") or cfg.machine_rank or 0)
     if num_processes < 1:
         raise ConfigError(f"--profile {profile}: num_processes must be set (got {num_processes})")
     stage = None
@@ -100,13 +103,19 @@ def plan_launch(
         else:
             stage = (cfg.deepspeed_config or {}).get("zero_stage")
     engine = "deepspeed" if deepspeed else ("ddp" if num_processes > 1 else "single")
-
-    env: dict[str, str] = {
-        EXPECT_WORLD_SIZE: str(num_processes),
-        EXPECT_ENGINE: engine,
-    }
-    if stage is not None:
-        env[EXPECT_ZERO_STAGE] = str(stage)
+    # DeepSpeed runs on GPUs or, through its CPU accelerator, on CPUs: either is legitimate.
+    # Any other profile without a CPU flag asks for CUDA GPUs; without them Accelerate would
+    # quietly train on the CPU.
+    cpu_requested = use_cpu or env_flag("ACCELERATE_USE_CPU", environ)
+    device = None if deepspeed else ("cpu" if cpu_requested else "cuda")
+    contract = Contract(
+        world_size=num_processes,
+        engine=engine,
+        zero_stage=stage,
+        device=device,
+        profile=profile,
+    )
+    env: dict[str, str] = contract.to_env()
     if use_cpu and not deepspeed:
         env["ACCELERATE_USE_CPU"] = "1"
     if "OMP_NUM_THREADS" not in environ and (use_cpu or deepspeed or num_processes > 1):
@@ -126,7 +135,9 @@ def plan_launch(
         recipe_path,
         *overrides,
     ]
-    return LaunchPlan(command, env, num_processes, engine, stage, num_machines)
+    return LaunchPlan(
+        command, env, num_processes, engine, stage, num_machines, machine_rank, device
+    )
 
 
 def resolve_ds_config(name: str) -> Path:

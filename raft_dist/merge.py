@@ -7,13 +7,11 @@ merged weights back to 4 bits and lose most of what the adapter learned.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from raft_dist.atomic import swap_in_dir, temp_dir_for
 from raft_dist.errors import ConfigError
-from raft_dist.model import builtin_name, resolve_pretrained
-
-DTYPES = ("float32", "bfloat16", "float16")
+from raft_dist.model import builtin_name, resolve_pretrained, torch_dtype
 
 
 def _refuse_quantized(base: str) -> None:
@@ -29,7 +27,6 @@ def _refuse_quantized(base: str) -> None:
 
 
 def merge_adapter(base: str, adapter: str, out: str, dtype: str = "float32") -> Path:
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,15 +39,12 @@ def merge_adapter(base: str, adapter: str, out: str, dtype: str = "float32") -> 
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter)")
     base_path = resolve_pretrained(base)
     _refuse_quantized(base_path)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     target = Path(out)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir_for(target)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base_path
     AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    swap_in_dir(tmp, target)
     return target

@@ -43,10 +43,23 @@ TINY_ARCHITECTURES: dict[str, dict[str, Any]] = {
 }
 
 
-def _torch_dtype(name: str) -> Any:
+# Every dtype name a recipe or command may use; the one table from names to torch dtypes.
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "uint8")
+
+
+def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r} is not one of: {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant: with the reentrant variant, LoRA gradients inside checkpointed blocks
+    are missing. The KV cache is useless in training and conflicts with checkpointing."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 BUNDLED_PRETRAINED = "smollm2"
@@ -102,7 +115,7 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = _torch_dtype(cfg.dtype)
+    dtype = torch_dtype(cfg.dtype)
     name = builtin_name(cfg.name_or_path)
     if name is not None:
         arch = dict(TINY_ARCHITECTURES[name])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, offline_env, read_metrics, run_cli, write_dataset, write_recipe
+from helpers import ROOT, offline_env, read_metrics, run_cli, write_dataset, write_recipe
 
 
 def test_help_imports_no_heavy_library() -> None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     launch,
     offline_env,
     one_step_recipe,

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, offline_env
+from helpers import ROOT, offline_env
 
-from raft_dist.data.prompts import extract_final_answer, extract_quotes
-from raft_dist.data.records import RaftRecord, iter_records, parse_record
+from raft_dist.data.answers import extract_final_answer, extract_quotes
+from raft_dist.data.reader import iter_records
+from raft_dist.data.records import RaftRecord, parse_record
 from raft_dist.data.sources import load_shards
 from raft_dist.generate.chunking import chunk_paragraphs, find_sources, load_corpus
 from raft_dist.generate.distractors import Bm25Index

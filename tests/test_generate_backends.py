@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from raft_dist.data.records import Example, RaftRecord, iter_records, to_example
+from raft_dist.data.reader import iter_records
+from raft_dist.data.records import Example, RaftRecord, to_example
 from raft_dist.errors import DataError, RaftDistError
 from raft_dist.generate.convert import FORMATS, convert
 from raft_dist.generate.pipeline import GenerateOptions, generate
@@ -584,7 +585,7 @@ def test_pdf_text_with_pypdf(tmp_path: Path) -> None:
 def test_help_imports_no_heavy_library() -> None:
     import subprocess
 
-    from conftest import ROOT, offline_env
+    from helpers import ROOT, offline_env
 
     probe = (
         "import sys\n"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from raft_dist.errors import ConfigError
 from raft_dist.launcher import plan_launch, split_args

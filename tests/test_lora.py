@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     launch,
     rank_facts,
     read_metrics,
@@ -222,8 +222,8 @@ def test_only_lora_parameters_change(quantized: bool) -> None:
     bit-identical and every adapter tensor that received a gradient has moved."""
     from raft_dist.adapters import build_training_model
     from raft_dist.config import load_recipe
+    from raft_dist.evaluate import token_loss_sum
     from raft_dist.model import load_tokenizer
-    from raft_dist.train.loop import token_loss_sum
 
     root = Path(__file__).resolve().parent.parent
     recipe = load_recipe(

@@ -7,22 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from raft_dist.data.prompts import (
+from raft_dist.data.answers import (
     ANSWER_TAG,
     BEGIN_QUOTE,
     END_QUOTE,
     extract_final_answer,
     extract_quotes,
-    render_prompt,
 )
+from raft_dist.data.prompts import render_prompt
+from raft_dist.data.reader import iter_examples, iter_jsonl, iter_records
 from raft_dist.data.records import (
     Document,
     Example,
     RaftRecord,
     detect_format,
-    iter_examples,
-    iter_jsonl,
-    iter_records,
     parse_record,
     to_example,
     to_json,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_dataset
+from helpers import write_dataset
 
 from raft_dist.data.records import parse_record, to_example
 from raft_dist.data.sources import Shard, load_shards, resolve_files

@@ -27,34 +27,45 @@ Also read:
   oracle is the first document whose stripped text equals the stripped ``oracle_context``, or
   None when it was dropped. The paper's generator fills titles with "placeholder_title", which is
   read as no title so it does not leak into prompts.
-* instruction/output: ``{"instruction", "output", "input"?, "id"?}``;
+* instruction/output: ``{"instruction", "output", "input"?, "id"?}``, including the seed
+  project's RAFT records, which carry ``oracle_context``, ``num_distractors`` and
+  ``has_distractors`` beside a rendered instruction (and no ``question`` or ``context``): they
+  are instruction/output examples, and their extra keys are kept as ``Example.meta``;
 * prompt/completion: ``{"prompt", "completion", "id"?}``.
 
 The last two become `Example`s directly; RAFT records become `Example`s through `to_example`.
+Files are read by `raft_dist.data.reader`; this module turns one decoded JSON value into a record.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from raft_dist.data.prompts import ANSWER_TAG, extract_final_answer, render_prompt
+from raft_dist.data.answers import ANSWER_TAG
+from raft_dist.data.prompts import render_prompt
+from raft_dist.data.schema import Document, Example, RaftRecord
 from raft_dist.errors import DataError
+
+__all__ = ["Document", "Example", "RaftRecord", "Record", "detect_format", "parse_record"]
+
+Record = RaftRecord | Example
 
 Format = Literal["raft", "raft_paper", "instruction", "prompt_completion"]
 
 PAPER_PLACEHOLDER_TITLE = "placeholder_title"
 
-# Checked in order: the first format with any of its distinctive keys wins, so a record that
-# is missing a required field is still reported against the format it was meant to be.
-_FORMAT_KEYS: tuple[tuple[Format, tuple[str, ...]], ...] = (
+# Checked in order; the first rule that matches wins, so a record that is missing a required
+# field is still reported against the format it was meant to be. `context` is what marks the
+# RAFT paper's records; `oracle_context` alone does not, because the seed project's records carry
+# it beside instruction/output.
+_FORMAT_RULES: tuple[tuple[Format, tuple[str, ...]], ...] = (
     ("raft", ("documents", "oracle_index")),
-    ("raft_paper", ("context", "oracle_context")),
+    ("raft_paper", ("context",)),
     ("prompt_completion", ("prompt", "completion")),
-    ("instruction", ("output", "instruction")),
+    ("instruction", ("output",)),
+    ("raft_paper", ("oracle_context", "cot_answer", "question")),
+    ("instruction", ("instruction",)),
 )
 _FORMAT_FIELDS: dict[Format, str] = {
     "raft": "question, documents, oracle_index, oracle, cot_answer",
@@ -62,37 +73,6 @@ _FORMAT_FIELDS: dict[Format, str] = {
     "instruction": "instruction, output",
     "prompt_completion": "prompt, completion",
 }
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-    title: str = ""
-
-
-@dataclass(frozen=True)
-class RaftRecord:
-    id: str
-    question: str
-    documents: tuple[Document, ...]
-    oracle_index: int | None
-    oracle: str
-    cot_answer: str
-    instruction: str | None = None
-
-    @property
-    def answer(self) -> str | None:
-        """The final answer, which is what evaluation compares against."""
-        return extract_final_answer(self.cot_answer)
-
-
-@dataclass(frozen=True)
-class Example:
-    """What the training loop consumes: loss is taken on the completion only."""
-
-    id: str
-    prompt: str
-    completion: str
 
 
 # --------------------------------------------------------------------------- field validation
@@ -262,20 +242,27 @@ def _parse_paper(fields: _Fields) -> RaftRecord:
     )
 
 
+def _meta(fields: _Fields, used: tuple[str, ...]) -> dict:
+    """The record's other keys (e.g. the seed's oracle_context), kept rather than dropped."""
+    return {k: v for k, v in fields.obj.items() if k not in used and k != "id"}
+
+
 def _parse_instruction(fields: _Fields) -> Example:
     instruction = fields.string("instruction")
     output = fields.string("output")
     extra = fields.string("input", optional=True, non_empty=False)
     assert instruction is not None and output is not None
     prompt = instruction + (f"\n\n{extra}" if extra else "") + "\n"
-    return Example(id=fields.record_id(), prompt=prompt, completion=output)
+    meta = _meta(fields, ("instruction", "output", "input"))
+    return Example(id=fields.record_id(), prompt=prompt, completion=output, meta=meta)
 
 
 def _parse_prompt_completion(fields: _Fields) -> Example:
     prompt = fields.string("prompt")
     completion = fields.string("completion")
     assert prompt is not None and completion is not None
-    return Example(id=fields.record_id(), prompt=prompt, completion=completion)
+    meta = _meta(fields, ("prompt", "completion"))
+    return Example(id=fields.record_id(), prompt=prompt, completion=completion, meta=meta)
 
 
 _PARSERS = {
@@ -288,7 +275,7 @@ _PARSERS = {
 
 def detect_format(obj: dict, path: object = "<record>", line: int | None = None) -> Format:
     """Pick the format from distinctive keys, so one file may mix shapes without a flag."""
-    for fmt, keys in _FORMAT_KEYS:
+    for fmt, keys in _FORMAT_RULES:
         if any(key in obj for key in keys):
             return fmt
     found = ", ".join(sorted(map(str, obj))[:12]) or "none"
@@ -296,7 +283,7 @@ def detect_format(obj: dict, path: object = "<record>", line: int | None = None)
     raise DataError(path, line, f"unknown record format: found keys [{found}]; expected {expected}")
 
 
-def parse_record(obj: object, path: object, line: int | None) -> RaftRecord | Example:
+def parse_record(obj: object, path: object, line: int | None) -> Record:
     """Validate one decoded JSON value; errors name the field, the expected and the found type."""
     if not isinstance(obj, dict):
         raise DataError(path, line, f"record must be a JSON object, got {_type_name(obj)}")
@@ -304,7 +291,7 @@ def parse_record(obj: object, path: object, line: int | None) -> RaftRecord | Ex
     return _PARSERS[fmt](_Fields(obj, path, line, fmt))
 
 
-def to_example(rec: RaftRecord | Example) -> Example:
+def to_example(rec: Record) -> Example:
     """The prompt comes from the shared template, never from a stored instruction, so training
     matches what evaluation and `ask` will show the model."""
     if isinstance(rec, Example):
@@ -314,7 +301,7 @@ def to_example(rec: RaftRecord | Example) -> Example:
     )
 
 
-def to_json(record: RaftRecord | Example) -> dict:
+def to_json(record: Record) -> dict:
     """Native schema for RAFT records (prompt/completion for Examples); round-trips through
     `parse_record`."""
     if isinstance(record, Example):
@@ -335,72 +322,3 @@ def to_json(record: RaftRecord | Example) -> dict:
         "cot_answer": record.cot_answer,
         "instruction": instruction,
     }
-
-
-# --------------------------------------------------------------------------- JSONL reading
-
-
-def _iter_lines(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, bytes]]:
-    """Raw non-blank lines after `start_line`, read in binary so memory stays constant and bad
-    bytes are reported per line instead of failing the whole file."""
-    try:
-        with open(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if number <= start_line:
-                    continue
-                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if raw.strip():
-                    yield number, raw
-    except OSError as exc:
-        raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from exc
-
-
-def decode_line(path: str | Path, line: int, raw: bytes) -> object:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            path, line, f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}"
-        ) from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, line, f"malformed JSON: {exc.msg} (column {exc.colno})") from exc
-    except RecursionError as exc:
-        raise DataError(path, line, "malformed JSON: nested too deeply") from exc
-
-
-def iter_jsonl(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, object]]:
-    """(physical 1-based line number, JSON value) for each non-blank line after `start_line`."""
-    for line, raw in _iter_lines(path, start_line):
-        yield line, decode_line(path, line, raw)
-
-
-def iter_records(
-    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
-) -> Iterator[tuple[int, RaftRecord | Example]]:
-    """Parsed records; with `skip_invalid`, bad lines are counted rather than fatal, but an
-    unreadable file still raises since skipping it would silently train on nothing."""
-    counter = counter if counter is not None else {}
-    counter.setdefault("skipped", 0)
-    for line, raw in _iter_lines(path):
-        try:
-            record = parse_record(decode_line(path, line, raw), path, line)
-        except DataError as exc:
-            if not skip_invalid:
-                raise
-            counter["skipped"] += 1
-            if counter.get("first_error") is None:
-                counter["first_error"] = str(exc)
-            continue
-        yield line, record
-
-
-def iter_examples(
-    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
-) -> Iterator[tuple[int, Example]]:
-    """Training examples from any supported format, with the same skipping rules as
-    `iter_records`."""
-    for line, record in iter_records(path, skip_invalid=skip_invalid, counter=counter):
-        yield line, to_example(record)

@@ -1,7 +1,9 @@
-"""Turn a data spec (data set folder, folder, glob or file) into an ordered list of counted shards.
+"""Turn a data spec (data set folder, folder, glob or file) into an ordered list of shards.
 
-Counting records up front is what lets every rank compute its own disjoint slice without reading
-anyone else's data and without holding the data set in memory.
+A data set folder written by `raft-dist generate` has a manifest.json that lists every shard
+with its record count and sha256; any other spec is a plain list of files that must be counted.
+Counting (or trusting the manifest's counts once checked) is what lets every rank compute its
+own disjoint slice without reading anyone else's data.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raft_dist.config import DataConfig
+from raft_dist.data.reader import EMPTY_FILE, count_records
 from raft_dist.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -27,8 +30,21 @@ class Shard:
     records: int
 
 
+@dataclass(frozen=True)
+class ManifestShard:
+    """A shard as the manifest declares it (checked against the file before it is trusted).
+    A hand-written manifest may list paths only; then the shard is counted, not verified."""
+
+    path: Path
+    records: int | None
+    sha256: str | None
+
+
 def resolve_files(spec: str, split: str = "train", *, text: bool = False) -> list[Path]:
     """Files named by `spec`, sorted so every rank sees the same order."""
+    manifest = manifest_shards(spec, split)
+    if manifest is not None:
+        return [entry.path for entry in manifest]
     suffixes = TEXT_SUFFIXES if text else JSONL_SUFFIXES
     path = Path(spec)
     if any(ch in spec for ch in "*?["):
@@ -40,8 +56,6 @@ def resolve_files(spec: str, split: str = "train", *, text: bool = False) -> lis
         return [path]
     if not path.is_dir():
         raise DataError(spec, None, "no such file or folder")
-    if (path / MANIFEST).is_file():
-        return _manifest_files(path, split)
     if (path / split).is_dir():
         path = path / split
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
@@ -51,20 +65,42 @@ def resolve_files(spec: str, split: str = "train", *, text: bool = False) -> lis
     return files
 
 
-def _manifest_files(root: Path, split: str) -> list[Path]:
-    manifest_path = root / MANIFEST
+def manifest_path(spec: str) -> Path | None:
+    path = Path(spec) / MANIFEST
+    return path if path.is_file() else None
+
+
+def manifest_shards(spec: str, split: str) -> list[ManifestShard] | None:
+    """The manifest's shards of `split` (None when `spec` is not a data set folder).
+
+    Shard paths must stay inside the data set folder: a manifest is data, and data must not
+    make raft-dist read other files.
+    """
+    path = manifest_path(spec)
+    if path is None:
+        return None
+    root = path.parent
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         entries = manifest["splits"][split]["shards"]
-        files = [root / entry["path"] for entry in entries]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(manifest_path, None, f"no readable '{split}' split: {exc}") from None
-    for file in files:
-        if not file.is_file():
-            raise DataError(file, None, f"listed in {manifest_path} but missing")
-    if not files:
-        raise DataError(manifest_path, None, f"the '{split}' split lists no shard")
-    return files
+        listed = [
+            ManifestShard(
+                root / str(e["path"]),
+                int(e["records"]) if e.get("records") is not None else None,
+                str(e["sha256"]) if e.get("sha256") is not None else None,
+            )
+            for e in entries
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(path, None, f"no readable '{split}' split: {exc}") from None
+    if not listed:
+        raise DataError(path, None, f"the '{split}' split lists no shard")
+    for entry in listed:
+        if not entry.path.resolve().is_relative_to(root.resolve()):
+            raise DataError(path, None, f"shard path {entry.path} is outside the data set folder")
+        if not entry.path.is_file():
+            raise DataError(entry.path, None, f"listed in {path} but missing")
+    return listed
 
 
 def has_split(spec: str, split: str) -> bool:
@@ -76,7 +112,7 @@ def has_split(spec: str, split: str) -> bool:
         try:
             manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
             return bool(manifest["splits"][split]["shards"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
     return (root / split).is_dir()
 
@@ -88,17 +124,13 @@ def eval_source(data: DataConfig) -> str | None:
     return data.train if data.train and has_split(data.train, "eval") else None
 
 
-def count_records(path: Path, *, text: bool = False) -> int:
-    """Records in a file without parsing it (blank JSONL lines are not records)."""
-    count = 0
-    try:
-        with path.open("rb") as handle:
-            for line in handle:
-                if text or line.strip():
-                    count += 1
-    except OSError as exc:
-        raise DataError(path, None, f"cannot read: {exc.strerror or exc}") from None
-    return count
+def data_splits(data: DataConfig) -> dict[str, str]:
+    """split name -> data spec, for every split a run reads."""
+    splits = {"train": str(data.train)}
+    eval_spec = eval_source(data)
+    if eval_spec:
+        splits["eval"] = eval_spec
+    return splits
 
 
 def index_shards(files: list[Path], *, text: bool = False) -> list[Shard]:
@@ -107,10 +139,12 @@ def index_shards(files: list[Path], *, text: bool = False) -> list[Shard]:
     for file in files:
         records = count_records(file, text=text)
         if records == 0:
-            raise DataError(file, None, "the shard is empty (no records)")
+            raise DataError(file, None, EMPTY_FILE)
         shards.append(Shard(file, records))
     return shards
 
 
 def load_shards(spec: str, split: str = "train", *, text: bool = False) -> list[Shard]:
+    """Counted shards. This reads every file; a run instead gets its shards from
+    `raft_dist.data.check`, which counts (or checks the manifest) once for all ranks."""
     return index_shards(resolve_files(spec, split, text=text), text=text)

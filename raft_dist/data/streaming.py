@@ -2,9 +2,11 @@
 
 Sharding rule (one mechanism, nowhere else): the epoch's shards are concatenated in a seeded
 order and rank r owns the contiguous record range [N*r/W, N*(r+1)/W). Ranges are disjoint and
-cover every record exactly once whatever the shard count; a rank reads only its own range. A
-rank's position is (epoch, records consumed, packing buffer), so it fits in a small JSON file
-and resuming skips lines without tokenizing them.
+cover every record exactly once whatever the shard count; a rank reads only its own range
+(`rank_segments`, which the run card reports too). A rank's position is (epoch, records
+consumed, packing buffer), so it fits in a small JSON file and resuming skips lines without
+tokenizing them. The shards and their counts come from `raft_dist.data.check`, checked once
+per run; lines are read and parsed by `raft_dist.data.reader`.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from raft_dist.config import Recipe
 from raft_dist.data.batching import Batch, collate, pack_rows
-from raft_dist.data.records import decode_line, parse_record, to_example
-from raft_dist.data.sources import Shard, eval_source, load_shards
+from raft_dist.data.check import DataCheck
+from raft_dist.data.reader import Line, decode_text, iter_lines, parse_line
+from raft_dist.data.records import to_example
+from raft_dist.data.sources import Shard
 from raft_dist.data.tokenize import IGNORE_INDEX, LengthStats, encode_example, encode_text_line
 from raft_dist.errors import DataError
 
@@ -35,35 +38,35 @@ def epoch_order(shards: list[Shard], epoch: int, seed: int, shuffle: bool) -> li
     return order
 
 
-@dataclass
-class RawRecord:
-    path: Path
-    line: int
-    raw: bytes
+@dataclass(frozen=True)
+class Segment:
+    """Records start..stop-1 of one shard (counted within the shard)."""
+
+    shard: Shard
+    start: int
+    stop: int
 
 
-def iter_range(shards: list[Shard], start: int, end: int, *, text: bool) -> Iterator[RawRecord]:
-    """Records start..end-1 of the concatenated shards, reading only the files that overlap."""
-    offset = 0
+def segments(shards: list[Shard], start: int, end: int) -> list[Segment]:
+    """The parts of the concatenated shards that hold records start..end-1."""
+    out, offset = [], 0
     for shard in shards:
-        if offset >= end:
-            return
-        if offset + shard.records <= start:
-            offset += shard.records
-            continue
-        index = offset
-        with shard.path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if not text and not raw.strip():
-                    continue
-                if index >= end:
-                    break
-                if index >= start:
-                    yield RawRecord(shard.path, number, raw)
-                index += 1
-        if index < min(end, offset + shard.records):
-            raise DataError(shard.path, None, "the shard shrank while it was being read")
+        lo, hi = max(start, offset), min(end, offset + shard.records)
+        if lo < hi:
+            out.append(Segment(shard, lo - offset, hi - offset))
         offset += shard.records
+    return out
+
+
+def iter_range(shards: list[Shard], start: int, end: int, *, text: bool) -> Iterator[Line]:
+    """Records start..end-1 of the concatenated shards, reading only the files that overlap."""
+    for part in segments(shards, start, end):
+        read = 0
+        for line in iter_lines(part.shard.path, text=text, start=part.start, stop=part.stop):
+            read += 1
+            yield line
+        if read < part.stop - part.start:
+            raise DataError(part.shard.path, None, "the shard shrank while it was being read")
 
 
 @dataclass
@@ -119,16 +122,19 @@ class RankStream:
     def range(self) -> tuple[int, int]:
         return rank_range(self.total, self.world_size, self.rank)
 
+    def epoch_segments(self) -> list[Segment]:
+        """What this rank reads in the current epoch: the stream reads exactly these, and the
+        run card reports their count, so the card cannot disagree with the reading."""
+        order = epoch_order(
+            self.shards, self.state.epoch, self.settings.seed, self.settings.shuffle_shards
+        )
+        start, end = self.range
+        return segments(order, start, end)
+
     @property
     def shard_count(self) -> int:
         """Shards this rank reads in the current epoch (for the run card)."""
-        start, end = self.range
-        offset, count = 0, 0
-        for shard in epoch_order(self.shards, self.state.epoch, self.settings.seed, False):
-            if offset < end and offset + shard.records > start:
-                count += 1
-            offset += shard.records
-        return count
+        return len(self.epoch_segments())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -168,29 +174,7 @@ class RankStream:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def first_error(self) -> str | None:
-        """Parse (not tokenize) this rank's whole range, so that a bad line stops every rank
-        before the first step instead of one rank dying mid-epoch while the others wait."""
-        start, end = self.range
-        for record in iter_range(self.shards, start, end, text=self.settings.text):
-            try:
-                if self.settings.text:
-                    try:
-                        record.raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise DataError(
-                            record.path, record.line, f"invalid UTF-8: {exc.reason}"
-                        ) from None
-                else:
-                    parse_record(
-                        decode_line(record.path, record.line, record.raw), record.path, record.line
-                    )
-            except DataError as exc:
-                if not self.settings.skip_invalid:
-                    return str(exc)
-        return None
-
-    def _raw_records(self) -> Iterator[RawRecord]:
+    def _raw_records(self) -> Iterator[Line]:
         start, end = self.range
         order = epoch_order(
             self.shards, self.state.epoch, self.settings.seed, self.settings.shuffle_shards
@@ -204,14 +188,13 @@ class RankStream:
             if self.settings.text:
                 # EOS between files, but not before the first line of the rank's range.
                 new_document = record.line == 1 and self.state.consumed > 1
-                line = record.raw.decode("utf-8", errors="strict") if record.raw else ""
-                ids = encode_text_line(self.tokenizer, line, new_document=new_document)
+                ids = encode_text_line(
+                    self.tokenizer, decode_text(record), new_document=new_document
+                )
                 yield ids, list(ids)
                 continue
             try:
-                parsed = parse_record(
-                    decode_line(record.path, record.line, record.raw), record.path, record.line
-                )
+                parsed = parse_line(record)
             except DataError:
                 if not self.settings.skip_invalid:
                     raise
@@ -255,15 +238,20 @@ class RankStream:
 
 
 def build_streams(
-    recipe: Recipe, tokenizer: Any, rank: int, world_size: int, seen_ids: list[str] | None
+    recipe: Recipe,
+    tokenizer: Any,
+    data: DataCheck,
+    *,
+    rank: int,
+    world_size: int,
+    seen_ids: list[str] | None,
 ) -> tuple[RankStream, RankStream | None]:
     """This rank's train stream and, when the data has one, its held-out stream."""
     d, t = recipe.data, recipe.training
-    text = d.format == "text"
     settings = StreamSettings(
         max_seq_len=d.max_seq_len,
         micro_batch_size=t.micro_batch_size,
-        text=text,
+        text=d.format == "text",
         packing=d.packing,
         overlong=d.overlong,
         skip_invalid=d.skip_invalid,
@@ -271,18 +259,17 @@ def build_streams(
         seed=t.seed,
     )
     train = RankStream(
-        load_shards(d.train, "train", text=text),
+        data.splits["train"].shards,
         tokenizer,
         settings,
         rank=rank,
         world_size=world_size,
         seen_ids=seen_ids,
     )
-    eval_spec = eval_source(d)
-    if eval_spec is None:
+    if "eval" not in data.splits:
         return train, None
     held_out = RankStream(
-        load_shards(eval_spec, "eval", text=text),
+        data.splits["eval"].shards,
         tokenizer,
         replace(settings, shuffle_shards=False),
         rank=rank,

@@ -34,18 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from raft_dist.atomic import write_atomic
 from raft_dist.data.prompts import render_prompt
+from raft_dist.data.reader import iter_jsonl
 from raft_dist.data.records import (
     PAPER_PLACEHOLDER_TITLE,
     Example,
     RaftRecord,
-    iter_jsonl,
     parse_record,
     to_example,
     to_json,
 )
 from raft_dist.errors import ConfigError, DataError
-from raft_dist.generate.writer import FORMAT_VERSION, MANIFEST, write_atomic
+from raft_dist.generate.writer import FORMAT_VERSION, MANIFEST
 
 FORMATS = ("raft", "raft_paper", "instruction", "prompt_completion", "chat", "parquet", "datasets")
 KEEPS_META = ("raft", "parquet", "datasets")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from raft_dist.data.prompts import (
+from raft_dist.data.answers import (
     ANSWER_TAG,
     BEGIN_QUOTE,
     END_QUOTE,

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raft_dist.data.prompts import extract_quotes
-from raft_dist.data.records import RaftRecord, decode_line, parse_record, to_example
+from raft_dist.data.answers import extract_quotes
+from raft_dist.data.reader import EMPTY_FILE, read_records
+from raft_dist.data.records import RaftRecord, Record, to_example
+from raft_dist.data.sources import MANIFEST, manifest_shards
 from raft_dist.errors import DataError, RaftDistError
-from raft_dist.generate.writer import MANIFEST
 
 MAX_SHOWN_ERRORS = 50
 
@@ -33,6 +34,7 @@ class SplitStats:
     files: int = 0
     with_oracle: int = 0
     without_quote: int = 0
+    not_raft: int = 0
     distractors: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
 
@@ -106,32 +108,30 @@ def _manifest_files(root: Path, report: Report) -> tuple[list[_File], bool]:
     files: list[_File] = []
     for split, info in splits.items():
         try:
-            entries = info["shards"]
+            listed = manifest_shards(str(root), split) or []
             declared = int(info["records"])
-            listed = [(root / e["path"], int(e["records"]), str(e["sha256"])) for e in entries]
+        except DataError as exc:
+            report.error(exc.path, exc.line, exc.reason)
+            continue
         except (KeyError, TypeError, ValueError) as exc:
             report.error(manifest_path, None, f"split '{split}' is malformed: {exc}")
             continue
-        total = sum(records for _, records, _ in listed)
+        total = sum(entry.records or 0 for entry in listed)
         if total != declared:
             report.error(
                 manifest_path,
                 None,
                 f"split '{split}' declares {declared} records but its shards list {total}",
             )
-        for path, records, sha in listed:
-            if not path.is_file():
-                report.error(path, None, f"listed in {manifest_path} but missing")
-                continue
-            files.append(_File(path, split, records, sha))
-        listed_paths = {path.resolve() for path, _, _ in listed}
+        files += [_File(e.path, split, e.records, e.sha256) for e in listed]
+        listed_paths = {entry.path.resolve() for entry in listed}
         folder = root / split
         if folder.is_dir():
             for extra in sorted(folder.glob("*.jsonl")):
                 if extra.resolve() not in listed_paths:
                     report.notes.append(f"{extra}: not listed in the manifest, not checked")
     generator = manifest.get("generator") if isinstance(manifest, dict) else None
-    settings = (generator or {}).get("settings") or {}
+    settings = generator.get("settings") if isinstance(generator, dict) else None
     by_question = isinstance(settings, dict) and settings.get("split_by") == "question"
     if by_question:
         report.notes.append("split by question: eval oracles may appear in train by design")
@@ -141,22 +141,23 @@ def _manifest_files(root: Path, report: Report) -> tuple[list[_File], bool]:
 # --------------------------------------------------------------------------- reading
 
 
-def _lines(file: _File, report: Report) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines, hashing and counting as they stream past."""
+def _records(file: _File, report: Report) -> Iterator[tuple[int, Record]]:
+    """Records through the one reader (errors reported per line), hashing and counting as
+    they stream past."""
     digest = hashlib.sha256()
     count = 0
     try:
-        with file.path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                digest.update(raw)
-                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if raw.strip():
-                    count += 1
-                    yield number, raw
-    except OSError as exc:
-        report.error(file.path, None, f"cannot read file: {exc.strerror or exc}")
+        for line, result in read_records(file.path, digest=digest):
+            count += 1
+            if isinstance(result, DataError):
+                report.error(file.path, line, result.reason)
+                continue
+            yield line, result
+    except DataError as exc:
+        report.error(exc.path, exc.line, exc.reason)
         return
+    if count == 0:
+        report.error(file.path, None, EMPTY_FILE)
     if file.sha256 is not None and digest.hexdigest() != file.sha256:
         report.error(
             file.path,
@@ -203,12 +204,7 @@ def validate(specs: Sequence[str], *, tokenizer: str | None = None) -> Report:
     for file in files:
         stats = report.splits.setdefault(file.split, SplitStats())
         stats.files += 1
-        for line, raw in _lines(file, report):
-            try:
-                record = parse_record(decode_line(file.path, line, raw), file.path, line)
-            except DataError as exc:
-                report.error(file.path, line, exc.reason)
-                continue
+        for line, record in _records(file, report):
             where = f"{file.path}:{line}"
             if record.id in ids:
                 report.error(
@@ -218,7 +214,11 @@ def validate(specs: Sequence[str], *, tokenizer: str | None = None) -> Report:
                 ids[record.id] = where
             stats.records += 1
             if not isinstance(record, RaftRecord):
-                report.error(file.path, line, "not a RAFT record (no documents and oracle)")
+                # Trainable (instruction/output, prompt/completion), so not an error; the RAFT
+                # checks below need documents and an oracle.
+                stats.not_raft += 1
+                example = to_example(record)
+                lengths.add(stats, file.split, example.prompt, example.completion)
                 continue
             _check_record(record, file.path, line, report)
             if not extract_quotes(record.cot_answer):
@@ -297,6 +297,11 @@ def describe(report: Report) -> str:
             lines.append(f"  P(oracle) achieved: {share:.3f} ({stats.with_oracle}/{raft})")
             counts = ", ".join(f"{k}: {v}" for k, v in sorted(stats.distractors.items()))
             lines.append(f"  distractors per record: {counts}")
+        if stats.not_raft:
+            lines.append(
+                f"  instruction/prompt-completion records (no documents, RAFT checks skipped): "
+                f"{stats.not_raft}"
+            )
         if stats.without_quote:
             lines.append(f"  records without a quote: {stats.without_quote}")
         values = sorted(stats.lengths)

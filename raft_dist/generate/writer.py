@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from raft_dist.atomic import write_atomic
+from raft_dist.data.sources import MANIFEST
 from raft_dist.errors import ConfigError, DataError
 
-MANIFEST = "manifest.json"
 PROGRESS = ".progress.jsonl"
 PARTIAL = ".partial"
 SPLITS = ("train", "eval")
@@ -40,16 +41,6 @@ FORMAT_VERSION = 1
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:05d}.jsonl"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

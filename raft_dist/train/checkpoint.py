@@ -14,7 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from raft_dist.atomic import write_json_atomic
 from raft_dist.errors import ConfigError
+from raft_dist.train.deepspeed import deepspeed_plugin
+from raft_dist.train.state import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
@@ -22,19 +25,6 @@ TRAINER_STATE = "trainer_state.json"
 
 def data_state_file(checkpoint: Path, name: str, rank: int) -> Path:
     return checkpoint / f"data_{name}_rank{rank}.json"
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _deepspeed(accelerator: Any) -> bool:
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -71,7 +61,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     streams: dict[str, Any],
-    trainer_state: dict[str, Any],
+    trainer_state: TrainState,
     keep_last: int,
     adapters_only: bool = False,
 ) -> Path:
@@ -83,7 +73,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     # DeepSpeed saves through its engine, not the pre-hook: tell it to skip the frozen base.
     engine_kwargs = (
-        {"exclude_frozen_parameters": True} if adapters_only and _deepspeed(accelerator) else {}
+        {"exclude_frozen_parameters": True}
+        if adapters_only and deepspeed_plugin(accelerator) is not None
+        else {}
     )
     accelerator.save_state(str(tmp), **engine_kwargs)
     rank = accelerator.process_index
@@ -91,7 +83,7 @@ def save_checkpoint(
         write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / TRAINER_STATE, trainer_state)
+        write_json_atomic(tmp / TRAINER_STATE, trainer_state.to_dict())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -103,9 +95,11 @@ def save_checkpoint(
 
 def load_checkpoint(
     accelerator: Any, path: Path, streams: dict[str, Any], adapters_only: bool = False
-) -> dict[str, Any]:
+) -> TrainState:
     engine_kwargs = (
-        {"load_module_strict": False} if adapters_only and _deepspeed(accelerator) else {}
+        {"load_module_strict": False}
+        if adapters_only and deepspeed_plugin(accelerator) is not None
+        else {}
     )
     accelerator.load_state(str(path), **engine_kwargs)
     rank = accelerator.process_index
@@ -117,7 +111,7 @@ def load_checkpoint(
                 "by a run with fewer processes. Resume with the same world size."
             )
         stream.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
-    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
 
 
 ADAPTER_DIR = "adapter"

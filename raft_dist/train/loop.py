@@ -1,4 +1,4 @@
-"""The training loop: setup, prepare, loop, checkpoint, finish. Read it top to bottom.
+"""The training run: setup -> fit -> finish. Read it top to bottom.
 
 Loss normalization: every optimizer step is a window of exactly `gradient_accumulation_steps`
 micro-batches on every rank. Before the window runs, the ranks exchange how many target tokens
@@ -6,40 +6,27 @@ they hold, and each micro-batch's summed token loss is divided by that global co
 gradient then equals the one of a single big batch, whatever the lengths and however the
 examples fall on ranks. A rank whose data ran out runs zero-weight padding batches, so all ranks
 run the same collectives and agree on when an epoch ends: nothing is dropped or duplicated.
+
+Exit: `fit` returns None when the schedule is done, or a `Stop` when the run ends early (today
+`training.stop_after_steps`) after saving a checkpoint. `finish` is the one exit path for both:
+a full run evaluates and saves `final/`; a stopped run does neither; both write summary.json
+(a stopped one with "stopped": {"reason", "step"}) and the per-rank files, and exit 0.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raft_dist.config import Recipe
+from raft_dist.distributed import sum_over_ranks
 from raft_dist.errors import DataError
-
-WINDOW_STATS = ("target_tokens", "real_batches")
-
-
-def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Summed next-token cross entropy over target tokens, in fp32, and their count."""
-    import torch
-    import torch.nn.functional as F
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, (targets != -100).sum().to(torch.float64)
-
-
-def target_count(batch: dict[str, Any]) -> float:
-    """Tokens the loss is computed on: labels shifted by one, as in token_loss_sum."""
-    return float((batch["labels"][:, 1:] != -100).sum())
+from raft_dist.rundir import RunDir
+from raft_dist.train.state import Stop, TrainState
 
 
 def estimate_total_steps(recipe: Recipe, total_records: int, world_size: int) -> int:
@@ -52,50 +39,82 @@ def estimate_total_steps(recipe: Recipe, total_records: int, world_size: int) ->
     return max(1, math.ceil(batches / t.gradient_accumulation_steps) * t.epochs)
 
 
+@dataclass
+class Run:
+    """Everything setup builds and fit/finish use; `state` is what a checkpoint holds."""
+
+    recipe: Recipe
+    paths: RunDir
+    accelerator: Any
+    log: Any
+    tokenizer: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    train_stream: Any
+    eval_stream: Any
+    metrics: Any
+    total_steps: int
+    pad: dict
+    state: TrainState = field(default_factory=TrainState)
+    seen_ids: list[str] | None = None
+
+    @property
+    def streams(self) -> dict[str, Any]:
+        """The streams whose positions a checkpoint saves (eval restarts at each evaluation)."""
+        return {"train": self.train_stream}
+
+
 def train(recipe: Recipe) -> dict[str, Any]:
-    import torch
+    run = setup(recipe)
+    stop = fit(run)
+    return finish(run, stop)
+
+
+# ---- setup -------------------------------------------------------------------------------
+
+
+def setup(recipe: Recipe) -> Run:
     from accelerate.utils import gather_object, set_seed
 
     from raft_dist.adapters import build_training_model, check_combination
+    from raft_dist.contract import Contract
+    from raft_dist.data.check import checked_data_for_run
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
+    from raft_dist.train.accelerator import live_setup, make_accelerator, quantized_device_map
     from raft_dist.train.checkpoint import (
         load_checkpoint,
         register_adapter_checkpointing,
         resolve_resume,
-        save_checkpoint,
     )
+    from raft_dist.train.cpu import cpu_warnings
+    from raft_dist.train.deepspeed import fill_deepspeed_batch, model_init_context
     from raft_dist.train.metrics import MetricsLog, configure_logging
     from raft_dist.train.optim import build_optimizer
     from raft_dist.train.runcard import render_run_card
     from raft_dist.train.schedule import build_scheduler
-    from raft_dist.train.setup import (
-        check_expectations,
-        fill_deepspeed_batch,
-        live_setup,
-        make_accelerator,
-        model_init_context,
-        quantized_device_map,
-        setup_warnings,
-    )
 
-    # ---- setup ---------------------------------------------------------------------------
     t, d = recipe.training, recipe.data
-    run_dir = Path(recipe.output.dir)
-    checkpoint_root = run_dir / "checkpoints"
-    accelerator = make_accelerator(recipe, project_dir=str(run_dir))
+    paths = RunDir(Path(recipe.output.dir))
+    # The Accelerator comes first: it starts the process group every later step talks over.
+    accelerator = make_accelerator(recipe, project_dir=str(paths.root))
     log = configure_logging(recipe.logging.level, accelerator.is_main_process)
     live = live_setup(accelerator)
-    check_expectations(live)
-    for warning in setup_warnings(live) if accelerator.is_main_process else []:
+    # Refuse a launch that became something else before anything expensive happens.
+    Contract.from_env().check(live)
+    for warning in cpu_warnings(live) if accelerator.is_main_process else []:
         log.warning(warning)
-    resume_from = resolve_resume(t.resume, checkpoint_root)
+    resume_from = resolve_resume(t.resume, paths.checkpoints)
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        paths.root.mkdir(parents=True, exist_ok=True)
+        paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
     accelerator.wait_for_everyone()
-    _write_rank_facts(run_dir, live)
+    _write_rank_facts(paths, live)
+
+    # Data before the model: a bad shard stops every rank in seconds, not after a model load.
+    data = checked_data_for_run(accelerator, d, paths.data_stamp)
 
     set_seed(t.seed)
     tokenizer = load_tokenizer(recipe.model)
@@ -106,81 +125,125 @@ def train(recipe: Recipe) -> dict[str, Any]:
         register_adapter_checkpointing(accelerator)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
-    train_stream, eval_stream = build_streams(recipe, tokenizer, rank, world, seen_ids)
-    streams: dict[str, Any] = {"train": train_stream}
-    for stream in (train_stream, eval_stream):
-        if stream is not None:
-            errors = [e for e in gather_object([stream.first_error()]) if e]
-            if errors:
-                raise DataError.relayed(errors[0])
+    train_stream, eval_stream = build_streams(
+        recipe, tokenizer, data, rank=rank, world_size=world, seen_ids=seen_ids
+    )
     total_steps = estimate_total_steps(recipe, train_stream.total, world)
 
-    # ---- prepare -------------------------------------------------------------------------
     optimizer = build_optimizer(accelerator, model, recipe)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    fill_deepspeed_batch(accelerator, recipe)
+    fill_deepspeed_batch(accelerator, recipe)  # before prepare: DeepSpeed reads it there
     model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is not prepared: a prepared one steps num_processes times per optimizer
+    # step. Registering it still saves and restores it with every checkpoint.
     accelerator.register_for_checkpointing(scheduler)
 
-    state = {"step": 0, "epoch_steps": 0, "target_tokens": 0.0, "input_tokens": 0.0, "evals": []}
+    state = TrainState()
     if resume_from is not None:
-        state.update(load_checkpoint(accelerator, resume_from, streams, recipe.lora.enabled))
-        log.info("resumed from %s at step %d", resume_from, state["step"])
-    shards_per_rank = gather_object([train_stream.shard_count])
-    if accelerator.is_main_process:
-        print(
-            render_run_card(
-                recipe,
-                live,
-                model=accelerator.unwrap_model(model),
-                shards_per_rank=list(shards_per_rank),
-                records=train_stream.total,
-                total_steps=total_steps,
-                resume_from=resume_from,
-                start_step=state["step"],
-            ),
-            flush=True,
+        state = load_checkpoint(
+            accelerator, resume_from, {"train": train_stream}, recipe.lora.enabled
         )
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    shards_per_rank = gather_object([train_stream.shard_count])
+    accelerator.print(
+        render_run_card(
+            recipe,
+            live,
+            model=accelerator.unwrap_model(model),
+            shards_per_rank=list(shards_per_rank),
+            records=train_stream.total,
+            data_source=data.source,
+            total_steps=total_steps,
+            resume_from=resume_from,
+            start_step=state.step,
+        ),
+        flush=True,
+    )
     if recipe.logging.tensorboard or recipe.logging.wandb:
         accelerator.init_trackers("raft-dist", config=_flat_config(recipe))
     metrics = MetricsLog(
-        accelerator, run_dir, total_steps, state["step"], recipe.logging.progress_bar
+        accelerator, paths.metrics, total_steps, state.step, recipe.logging.progress_bar
+    )
+    return Run(
+        recipe=recipe,
+        paths=paths,
+        accelerator=accelerator,
+        log=log,
+        tokenizer=tokenizer,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_stream=train_stream,
+        eval_stream=eval_stream,
+        metrics=metrics,
+        total_steps=total_steps,
+        pad=padding_batch(tokenizer),
+        state=state,
+        seen_ids=seen_ids,
     )
 
-    # ---- loop ----------------------------------------------------------------------------
-    accum = t.gradient_accumulation_steps
-    pad = padding_batch(tokenizer)
-    if eval_stream is not None and t.eval_at_start and state["step"] == 0:
-        _record_eval(
-            state, 0, evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics
-        )
+
+# ---- fit ---------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> Stop | None:
+    import torch
+
+    from raft_dist.evaluate import target_count, token_loss_sum
+    from raft_dist.train.checkpoint import save_checkpoint
+
+    recipe, accelerator, state = run.recipe, run.accelerator, run.state
+    t = recipe.training
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    accum, world = t.gradient_accumulation_steps, accelerator.num_processes
+    if run.eval_stream is not None and t.eval_at_start and state.step == 0:
+        _evaluate(run, 0)
     steps_this_run = 0
     model.train()
-    while state["step"] < total_steps:
+    while state.step < run.total_steps:
         started = time.perf_counter()
-        window = [train_stream.next_batch() for _ in range(accum)]
+        window = [run.train_stream.next_batch() for _ in range(accum)]
         local = [
             sum(target_count(b) for b in window if b is not None),
             sum(1.0 for b in window if b is not None),
         ]
-        global_tokens, global_batches = _gather_sums(accelerator, local)
+        global_tokens, global_batches = sum_over_ranks(accelerator, local)
         if global_batches == 0:  # every rank finished its range: the epoch is over
-            if state["epoch_steps"] == 0:
-                raise DataError(d.train, None, "no example left to train on (all dropped?)")
-            epoch = train_stream.state.epoch + 1
+            if state.epoch_steps == 0:
+                raise DataError(
+                    recipe.data.train, None, "no example left to train on (all dropped?)"
+                )
+            epoch = run.train_stream.state.epoch + 1
             if t.max_steps is None and epoch >= t.epochs:
                 break
-            train_stream.start_epoch(epoch)
-            state["epoch_steps"] = 0
+            run.train_stream.start_epoch(epoch)
+            state.epoch_steps = 0
             continue
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         input_tokens, grad_norm, step_lr = 0.0, None, float("nan")
-        for batch in window:
+        for index, batch in enumerate(window):
             real = batch is not None
-            batch = {k: v.to(accelerator.device) for k, v in (batch if real else pad).items()}
+            batch = {k: v.to(accelerator.device) for k, v in (batch if real else run.pad).items()}
             with accelerator.accumulate(model):
+                # One gradient-sync mechanism: accumulate() counts micro-batches and turns
+                # sync_gradients on for every accum-th one, which is what makes DDP all-reduce
+                # and, under DeepSpeed, what makes backward() run the optimizer step (DeepSpeed's
+                # no_sync refuses ZeRO-2/3, so the loop cannot switch syncing itself). Every
+                # window holds exactly accum micro-batches (padding fills a short one), so the
+                # counter and the window agree; if they ever drift, stop instead of stepping
+                # mid-window with a wrongly normalized gradient.
+                if accelerator.sync_gradients != (index == accum - 1):
+                    raise RuntimeError(
+                        f"gradient sync on micro-batch {index + 1} of {accum}: Accelerate's "
+                        "accumulation counter and the loop's window disagree"
+                    )
                 micro_loss, _ = token_loss_sum(model, batch)
+                # micro_loss is a sum over this micro-batch's target tokens; dividing by the
+                # window's target tokens on all ranks weighs every token the same. backward()
+                # divides by accum (Accelerate; DeepSpeed's engine with scale_wrt_gas) and DDP
+                # averages over world ranks, so multiply both back: the step's gradient is
+                # then the gradient of the mean token loss over the whole window.
                 scale = accum * world / max(global_tokens, 1.0)
                 accelerator.backward(micro_loss * scale)
                 loss_sum += micro_loss.detach().double().cpu()
@@ -194,16 +257,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
-        window_loss, window_inputs = _gather_sums(accelerator, [float(loss_sum), input_tokens])
-        state["step"] += 1
-        state["target_tokens"] += global_tokens
-        state["input_tokens"] += window_inputs
+        window_loss, window_inputs = sum_over_ranks(accelerator, [float(loss_sum), input_tokens])
+        state.step += 1
+        state.target_tokens += global_tokens
+        state.input_tokens += window_inputs
+        state.epoch_steps += 1
         steps_this_run += 1
-        state["epoch_steps"] += 1  # in the checkpoint: a resume may land on an epoch's end
-        step = state["step"]
+        step = state.step
         elapsed = time.perf_counter() - started
-        if step % t.log_every == 0 or step == total_steps:
-            metrics.log(
+        if step % t.log_every == 0 or step == run.total_steps:
+            run.metrics.log(
                 step,
                 {
                     "loss": window_loss / max(global_tokens, 1.0),
@@ -211,130 +274,110 @@ def train(recipe: Recipe) -> dict[str, Any]:
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "target_tokens": global_tokens,
                     "tokens_per_s": window_inputs / max(elapsed, 1e-9),
-                    "epoch": train_stream.state.epoch,
+                    "epoch": run.train_stream.state.epoch,
                 },
             )
-        metrics.advance()
+        run.metrics.advance()
 
-        if eval_stream is not None and t.eval_every and step % t.eval_every == 0:
-            _record_eval(
-                state, step, evaluate(accelerator, model, eval_stream, pad, t.eval_batches), metrics
-            )
+        if run.eval_stream is not None and t.eval_every and step % t.eval_every == 0:
+            _evaluate(run, step)
         stopping = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
         if (t.save_every and step % t.save_every == 0) or stopping:
             path = save_checkpoint(
-                accelerator, checkpoint_root, step, streams, state, t.keep_last, recipe.lora.enabled
+                accelerator,
+                run.paths.checkpoints,
+                step,
+                run.streams,
+                state,
+                t.keep_last,
+                recipe.lora.enabled,
             )
-            log.info("checkpoint %s", path)
-        if stopping and step < total_steps:
-            log.info("stopping after %d steps as asked (training.stop_after_steps)", steps_this_run)
-            metrics.close()
-            _write_audit(run_dir, rank, seen_ids)
-            finish(accelerator)
-            return {"steps": step, "stopped_early": True}
+            run.log.info("checkpoint %s", path)
+        if stopping and step < run.total_steps:
+            run.log.info(
+                "stopping after %d steps as asked (training.stop_after_steps)", steps_this_run
+            )
+            return Stop("stop_after_steps", step)
+    return None
 
-    # ---- finish --------------------------------------------------------------------------
-    metrics.close()
-    already_evaluated = bool(state["evals"]) and state["evals"][-1]["step"] == state["step"]
-    if eval_stream is not None and not already_evaluated:
-        _record_eval(
-            state,
-            state["step"],
-            evaluate(accelerator, model, eval_stream, pad, t.eval_batches),
-            metrics,
-        )
-    final_dir = run_dir / "final"
-    if recipe.output.save_final_model:
-        save_final_model(accelerator, model, tokenizer, final_dir)
-    summary = _summarize(accelerator, recipe, state, streams, final_dir)
+
+def _evaluate(run: Run, step: int) -> None:
+    from raft_dist.evaluate import evaluate_loss
+
+    result = evaluate_loss(
+        run.accelerator, run.model, run.eval_stream, run.pad, run.recipe.training.eval_batches
+    )
+    run.state.evals.append({"step": step, **result})
+    run.metrics.log(step, result)
+
+
+# ---- finish ------------------------------------------------------------------------------
+
+
+def finish(run: Run, stop: Stop | None) -> dict[str, Any]:
+    """The one exit path: full and stopped runs write the same summary and per-rank files."""
+    accelerator, state, paths = run.accelerator, run.state, run.paths
+    run.metrics.close()
+    if stop is None:
+        already_evaluated = bool(state.evals) and state.evals[-1]["step"] == state.step
+        if run.eval_stream is not None and not already_evaluated:
+            _evaluate(run, state.step)
+        if run.recipe.output.save_final_model:
+            save_final_model(accelerator, run.model, run.tokenizer, paths.final)
+    summary = _summarize(run, stop)
     if accelerator.is_main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-        print(_summary_text(summary, run_dir), flush=True)
-    _write_audit(run_dir, rank, seen_ids)
-    _write_rank_peak_memory(run_dir, rank)
-    finish(accelerator)
+        paths.summary.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    accelerator.print(_summary_text(summary, paths), flush=True)
+    _write_audit(paths, accelerator.process_index, run.seen_ids)
+    _write_rank_peak_memory(paths, accelerator.process_index)
+    teardown(accelerator)
     return summary
-
-
-# ---- helpers used by the loop -------------------------------------------------------------
-
-
-def _gather_sums(accelerator: Any, values: list[float]) -> list[float]:
-    """Sum small per-rank statistics over all ranks (one collective)."""
-    import torch
-
-    local = torch.tensor([values], dtype=torch.float64, device=accelerator.device)
-    return accelerator.gather(local).sum(dim=0).tolist()
-
-
-def evaluate(accelerator: Any, model: Any, stream: Any, pad: dict, max_batches: int | None) -> dict:
-    """Token-weighted loss over the held-out split; ranks step in lockstep until all are done."""
-    import torch
-
-    model.eval()
-    stream.start_epoch(0)
-    loss_sum, tokens, batches = 0.0, 0.0, 0
-    with torch.no_grad():
-        while max_batches is None or batches < max_batches:
-            batch = stream.next_batch()
-            (any_left,) = _gather_sums(accelerator, [1.0 if batch is not None else 0.0])
-            if any_left == 0:
-                break
-            feed = {k: v.to(accelerator.device) for k, v in (batch or pad).items()}
-            loss, count = token_loss_sum(model, feed)
-            if batch is not None:
-                loss_sum += float(loss)
-                tokens += float(count)
-            batches += 1
-    model.train()
-    total_loss, total_tokens = _gather_sums(accelerator, [loss_sum, tokens])
-    mean = total_loss / max(total_tokens, 1.0)
-    return {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0)), "eval_tokens": total_tokens}
-
-
-def _record_eval(state: dict, step: int, result: dict, metrics: Any) -> None:
-    state["evals"].append({"step": step, **result})
-    metrics.log(step, result)
 
 
 def save_final_model(accelerator: Any, model: Any, tokenizer: Any, final_dir: Path) -> None:
     """Every rank takes part in gathering the weights (ZeRO-3 deadlocks otherwise)."""
+    from raft_dist.atomic import swap_in_dir, temp_dir_for
+
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_dir_for(final_dir)
         accelerator.unwrap_model(model).save_pretrained(
             tmp, state_dict=state_dict, safe_serialization=True
         )
         tokenizer.save_pretrained(tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp.rename(final_dir)
+        swap_in_dir(tmp, final_dir)
     accelerator.wait_for_everyone()
 
 
-def _summarize(
-    accelerator: Any, recipe: Recipe, state: dict, streams: dict, final_dir: Path
-) -> dict:
-    stream = streams["train"]
+def _summarize(run: Run, stop: Stop | None) -> dict[str, Any]:
+    stream, state = run.train_stream, run.state
     counts = [*stream.lengths.as_dict().values(), float(stream.skipped)]
-    examples, truncated, dropped, skipped = _gather_sums(accelerator, counts)
+    examples, truncated, dropped, skipped = sum_over_ranks(run.accelerator, counts)
+    saved_model = stop is None and run.recipe.output.save_final_model
     return {
-        "steps": state["step"],
+        "steps": state.step,
+        "stopped": stop.to_dict() if stop is not None else None,
         "epochs_started": stream.state.epoch + 1,
-        "target_tokens": state["target_tokens"],
-        "input_tokens": state["input_tokens"],
+        "target_tokens": state.target_tokens,
+        "input_tokens": state.input_tokens,
         "examples_tokenized": int(examples),
         "truncated": int(truncated),
         "dropped_overlong": int(dropped),
         "skipped_invalid": int(skipped),
-        "evals": state["evals"],
-        "model_dir": str(final_dir) if recipe.output.save_final_model else None,
+        "evals": state.evals,
+        "model_dir": str(run.paths.final) if saved_model else None,
     }
 
 
-def _summary_text(summary: dict, run_dir: Path) -> str:
-    lines = [f"done: {summary['steps']} optimizer steps"]
+def _summary_text(summary: dict, paths: RunDir) -> str:
+    stopped = summary["stopped"]
+    if stopped:
+        lines = [
+            f"stopped after optimizer step {stopped['step']} ({stopped['reason']}); the "
+            "checkpoint is saved: continue with training.resume=latest"
+        ]
+    else:
+        lines = [f"done: {summary['steps']} optimizer steps"]
     evals = summary["evals"]
     if evals:
         trail = " -> ".join(f"{e['eval_loss']:.4f} (step {e['step']})" for e in evals)
@@ -346,11 +389,11 @@ def _summary_text(summary: dict, run_dir: Path) -> str:
     )
     if summary["model_dir"]:
         lines.append(f"  model          {summary['model_dir']}")
-    lines.append(f"  metrics        {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir})")
+    lines.append(f"  metrics        {paths.metrics} (TensorBoard: {paths.root})")
     return "\n".join(lines)
 
 
-def finish(accelerator: Any) -> None:
+def teardown(accelerator: Any) -> None:
     """Close trackers and the process group before exit: a group left for interpreter
     teardown can abort a rank ("terminate called without an active exception")."""
     import torch.distributed as dist
@@ -361,30 +404,29 @@ def finish(accelerator: Any) -> None:
         dist.destroy_process_group()
 
 
-def _write_audit(run_dir: Path, rank: int, seen_ids: list[str] | None) -> None:
+def _write_audit(paths: RunDir, rank: int, seen_ids: list[str] | None) -> None:
     if seen_ids is None:
         return
-    audit = run_dir / "audit"
-    audit.mkdir(exist_ok=True)
-    with (audit / f"seen_ids_rank{rank}.txt").open("a", encoding="utf-8") as handle:
+    audit = paths.audit(rank)
+    audit.parent.mkdir(exist_ok=True)
+    with audit.open("a", encoding="utf-8") as handle:
         handle.writelines(f"{i}\n" for i in seen_ids)
 
 
-def _write_rank_peak_memory(run_dir: Path, rank: int) -> None:
+def _write_rank_peak_memory(paths: RunDir, rank: int) -> None:
     """Peak resident memory of this rank (Linux ru_maxrss is in KiB), for memory benchmarks."""
     import resource
 
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (run_dir / "ranks" / f"rank{rank}_peak.json").write_text(
+    paths.rank_peak(rank).write_text(
         json.dumps({"rank": rank, "peak_rss_mib": round(peak_mib, 1)}), encoding="utf-8"
     )
 
 
-def _write_rank_facts(run_dir: Path, live: Any) -> None:
+def _write_rank_facts(paths: RunDir, live: Any) -> None:
     """Each rank records what it really is, for audits and for the distributed tests."""
-    ranks = run_dir / "ranks"
-    ranks.mkdir(parents=True, exist_ok=True)
-    (ranks / f"rank{live.rank}.json").write_text(json.dumps(live.as_dict()), encoding="utf-8")
+    paths.ranks.mkdir(parents=True, exist_ok=True)
+    paths.rank_facts(live.rank).write_text(json.dumps(live.as_dict()), encoding="utf-8")
 
 
 def _flat_config(recipe: Recipe) -> dict[str, Any]:

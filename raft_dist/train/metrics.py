@@ -1,4 +1,4 @@
-"""Where training numbers go: metrics.jsonl in the run directory, Accelerate trackers, a bar."""
+"""Where training numbers go: metrics.jsonl in the run folder, Accelerate trackers, a bar."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ class MetricsLog:
     """Main process only: one JSON line per logged step, mirrored to TensorBoard/W&B."""
 
     def __init__(
-        self, accelerator: Any, run_dir: Path, total_steps: int, start_step: int, progress_bar: bool
+        self, accelerator: Any, path: Path, total_steps: int, start_step: int, progress_bar: bool
     ) -> None:
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.path = run_dir / "metrics.jsonl"
+        self.path = path
         self.started = time.monotonic()
         self.bar = None
         if self.enabled and progress_bar:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raft_dist.config import Recipe
-from raft_dist.train.setup import LiveSetup
+from raft_dist.train.accelerator import LiveSetup
 
 
 def render_run_card(
@@ -16,6 +16,7 @@ def render_run_card(
     model: Any,
     shards_per_rank: list[int],
     records: int,
+    data_source: str,
     total_steps: int,
     resume_from: Path | None,
     start_step: int,
@@ -43,7 +44,11 @@ def render_run_card(
             f"up to {effective * recipe.data.max_seq_len:,} "
             f"(max_seq_len {recipe.data.max_seq_len})",
         ),
-        ("data", f"{records:,} train records; shards per rank {shards_per_rank}"),
+        (
+            "data",
+            f"{records:,} train records; shards per rank {shards_per_rank} (this epoch); "
+            + ("checked by the launcher" if data_source == "stamp" else "checked at start"),
+        ),
         (
             "schedule",
             f"{total_steps} optimizer steps, {t.lr_schedule} lr {t.lr:g}, warmup {t.warmup_steps}",

@@ -1,0 +1,188 @@
+"""The one reader of data files: every path that reads records or text lines goes through it.
+
+`validate`, the launch preflight, the per-rank streams, `convert` and generation's checks all
+read files here, so they apply the same rules and cannot disagree about a file:
+
+* UTF-8 only. A leading UTF-8 byte-order mark is accepted and stripped (Windows tools write
+  one); a UTF-16 file is refused with a message saying so instead of failing on every line.
+* JSONL: blank lines are not records and are skipped; line numbers stay physical, so an error
+  points at the line an editor shows. Text files (data.format=text): every line is a record.
+* A line longer than `MAX_LINE_BYTES` is an error for that line (it is never read whole into
+  memory), not a crash of the whole file.
+* A file with no record is an error for the data set, since it usually means a failed write.
+* Every error is a `DataError` naming the file and the line.
+
+`read_records` is the function the issue calls "the reader": a file becomes (line number,
+parsed record or the DataError for that line). The other functions are views of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raft_dist.data.records import Record, parse_record, to_example
+from raft_dist.data.schema import Example
+from raft_dist.errors import DataError
+
+UTF8_BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# Far above any real record (ten long documents are ~100 KB) and small enough to hold.
+MAX_LINE_BYTES = 64 * 2**20
+EMPTY_FILE = "the shard is empty (no records)"
+
+
+@dataclass(frozen=True)
+class Line:
+    """One record line: its file, its physical 1-based line number and its bytes (no BOM)."""
+
+    path: Path
+    line: int
+    raw: bytes
+    oversized: bool = False
+
+
+def iter_lines(
+    path: str | Path,
+    *,
+    text: bool = False,
+    start: int = 0,
+    stop: int | None = None,
+    digest: Any = None,
+) -> Iterator[Line]:
+    """Record lines number `start` to `stop - 1` (counting records, not physical lines).
+
+    With `digest` (a hashlib object) every byte of the file is fed to it, blank lines too, so
+    a caller can check the file against a manifest in the same pass; it then reads to the end.
+    """
+    path = Path(path)
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
+    with handle:
+        number = index = 0
+        while stop is None or index < stop or digest is not None:
+            try:
+                raw = handle.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
+            if not raw:
+                return
+            number += 1
+            if digest is not None:
+                digest.update(raw)
+            oversized = len(raw) > MAX_LINE_BYTES
+            if oversized:
+                _skip_rest_of_line(handle, digest)
+                raw = raw[:MAX_LINE_BYTES]
+            if number == 1:
+                raw = _strip_bom(path, raw)
+            if not text and not raw.strip():
+                continue
+            if index >= start and (stop is None or index < stop):
+                yield Line(path, number, raw, oversized)
+            index += 1
+
+
+def _skip_rest_of_line(handle: Any, digest: Any) -> None:
+    while True:
+        more = handle.readline(2**20)
+        if digest is not None:
+            digest.update(more)
+        if not more or more.endswith(b"\n"):
+            return
+
+
+def _strip_bom(path: Path, raw: bytes) -> bytes:
+    if raw.startswith(UTF8_BOM):
+        return raw[len(UTF8_BOM) :]
+    if raw.startswith(UTF16_BOMS):
+        raise DataError(path, 1, "the file is UTF-16 encoded; save it as UTF-8")
+    return raw
+
+
+def count_records(path: str | Path, *, text: bool = False) -> int:
+    """Records in a file by the same rules as reading it, without parsing."""
+    return sum(1 for _ in iter_lines(path, text=text))
+
+
+def decode_text(line: Line) -> str:
+    if line.oversized:
+        raise DataError(line.path, line.line, f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        return line.raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            line.path,
+            line.line,
+            f"invalid UTF-8 byte 0x{line.raw[exc.start]:02x} at byte {exc.start + 1}",
+        ) from None
+
+
+def decode_json(line: Line) -> object:
+    text = decode_text(line)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            line.path, line.line, f"malformed JSON: {exc.msg} (column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise DataError(line.path, line.line, "malformed JSON: nested too deeply") from None
+
+
+def parse_line(line: Line) -> Record:
+    return parse_record(decode_json(line), line.path, line.line)
+
+
+def read_records(
+    path: str | Path, *, start: int = 0, stop: int | None = None, digest: Any = None
+) -> Iterator[tuple[int, Record | DataError]]:
+    """(line number, parsed record | the DataError of that line) for each record.
+
+    A file that cannot be opened, or that is UTF-16, raises: there is no line to blame.
+    """
+    for line in iter_lines(path, start=start, stop=stop, digest=digest):
+        try:
+            yield line.line, parse_line(line)
+        except DataError as exc:
+            yield line.line, exc
+
+
+def iter_jsonl(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, object]]:
+    """(physical line number, JSON value) for each record line after physical `start_line`;
+    for readers of other shapes (chat) that parse the value themselves."""
+    for line in iter_lines(path):
+        if line.line > start_line:
+            yield line.line, decode_json(line)
+
+
+def iter_records(
+    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
+) -> Iterator[tuple[int, Record]]:
+    """Parsed records; with `skip_invalid`, bad lines are counted rather than fatal, but an
+    unreadable file still raises since skipping it would silently train on nothing."""
+    counter = counter if counter is not None else {}
+    counter.setdefault("skipped", 0)
+    for line, result in read_records(path):
+        if isinstance(result, DataError):
+            if not skip_invalid:
+                raise result
+            counter["skipped"] += 1
+            if counter.get("first_error") is None:
+                counter["first_error"] = str(result)
+            continue
+        yield line, result
+
+
+def iter_examples(
+    path: str | Path, *, skip_invalid: bool = False, counter: dict | None = None
+) -> Iterator[tuple[int, Example]]:
+    """Training examples from any supported format, with the same skipping rules as
+    `iter_records`."""
+    for line, record in iter_records(path, skip_invalid=skip_invalid, counter=counter):
+        yield line, to_example(record)

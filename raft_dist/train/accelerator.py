@@ -1,0 +1,105 @@
+"""The Accelerator of a run, and the live facts the run card and the launch contract use.
+
+Facts come from the live Accelerator and torch.distributed, never from the config: the point is
+to catch launches that silently became something else (one process instead of two, DeepSpeed
+dropped by a CPU flag, a GPU profile running on the CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from raft_dist.config import Recipe
+from raft_dist.errors import ConfigError
+from raft_dist.train.cpu import on_cpu
+from raft_dist.train.deepspeed import announce_op_compilation, deepspeed_plugin, using_deepspeed
+
+
+def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    if using_deepspeed():
+        # DeepSpeed clips by its own config ("auto" is filled from this); Accelerate's
+        # clip_grad_norm_ only reports the norm under DeepSpeed.
+        clip = recipe.training.max_grad_norm
+        os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(clip) if clip > 0 else "0.0"
+        if on_cpu():
+            announce_op_compilation(
+                recipe, ["deepspeed_shm_comm"], os.environ.get("RANK", "0") == "0"
+            )
+
+    handlers = []
+    if on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DeepSpeed and DDP on CPU both need gloo; without it Accelerate and DeepSpeed can
+        # disagree about the world size.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    trackers: list[str] = []
+    if recipe.logging.tensorboard:
+        trackers.append("tensorboard")
+    if recipe.logging.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs wandb: pip install 'raft-dist[wandb]'")
+        os.environ.setdefault("WANDB_MODE", "offline")
+        trackers.append("wandb")
+    mixed = recipe.training.mixed_precision
+    return Accelerator(
+        gradient_accumulation_steps=recipe.training.gradient_accumulation_steps,
+        mixed_precision=None if mixed == "auto" else mixed,
+        log_with=trackers or None,
+        project_dir=project_dir,
+        kwargs_handlers=handlers,
+    )
+
+
+@dataclass
+class LiveSetup:
+    world_size: int
+    rank: int
+    num_machines: int
+    engine: str  # single | ddp | deepspeed
+    distributed_type: str
+    backend: str | None
+    zero_stage: int | None
+    mixed_precision: str
+    device: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def live_setup(accelerator: Any) -> LiveSetup:
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    dtype = accelerator.distributed_type
+    if dtype == DistributedType.DEEPSPEED:
+        engine = "deepspeed"
+    elif accelerator.num_processes > 1:
+        engine = "ddp"
+    else:
+        engine = "single"
+    plugin = deepspeed_plugin(accelerator)
+    machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", 1)))
+    return LiveSetup(
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        num_machines=max(1, machines),
+        engine=engine,
+        distributed_type=str(dtype.value if hasattr(dtype, "value") else dtype),
+        backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
+        zero_stage=plugin.zero_stage if plugin is not None else None,
+        mixed_precision=str(accelerator.mixed_precision),
+        device=str(accelerator.device),
+    )
+
+
+def quantized_device_map(live: LiveSetup) -> Any:
+    """bitsandbytes places quantized weights at load time: on this rank's GPU, or nowhere
+    special on CPU and under DeepSpeed (which places them itself)."""
+    if live.device.startswith("cuda") and live.engine != "deepspeed":
+        return {"": live.device}
+    return None
