@@ -165,9 +165,9 @@ def generate(
       raft-dist generate docs/ --out data/api --backend openai \\
           --base-url http://localhost:8000/v1 --model my-model --concurrency 16
     """
+    from raft_dist.generate.backends import make_backend
     from raft_dist.generate.pipeline import GenerateOptions
     from raft_dist.generate.pipeline import generate as run_generate
-    from raft_dist.generate.questions import make_backend
 
     options = GenerateOptions(
         backend=backend,

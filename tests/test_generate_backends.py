@@ -21,9 +21,10 @@ import pytest
 from raft_dist.data.reader import iter_records
 from raft_dist.data.records import Example, RaftRecord, to_example
 from raft_dist.errors import DataError, RaftDistError
+from raft_dist.generate.backends import make_backend
 from raft_dist.generate.convert import FORMATS, convert
 from raft_dist.generate.pipeline import GenerateOptions, generate
-from raft_dist.generate.questions import check_answer, make_backend, parse_questions
+from raft_dist.generate.questions import check_answer, parse_questions
 from raft_dist.generate.validate_set import validate
 
 TOPICS = ("harbour", "orchard", "observatory", "bakery", "railway", "museum")

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from raft_dist import __version__
 from raft_dist.data.records import Document, RaftRecord, to_json
 from raft_dist.errors import ConfigError, DataError, RaftDistError
+from raft_dist.generate.backends import check_backend, make_backend
 from raft_dist.generate.chunking import (
     Chunk,
     Corpus,
@@ -38,8 +39,6 @@ from raft_dist.generate.questions import (
     QA,
     Backend,
     ask_all,
-    check_backend,
-    make_backend,
 )
 from raft_dist.generate.writer import ShardWriter, clear, fingerprint, prepare, tidy
 

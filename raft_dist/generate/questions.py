@@ -14,7 +14,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from raft_dist.data.answers import (
     ANSWER_TAG,
@@ -23,7 +23,6 @@ from raft_dist.data.answers import (
     extract_final_answer,
     extract_quotes,
 )
-from raft_dist.errors import ConfigError
 from raft_dist.generate.chunking import Chunk, split_sentences
 
 
@@ -174,32 +173,6 @@ class TemplateBackend:
             )
             pairs.append(QA(question=question, answer=answer, quote=sentence, cot_answer=cot))
         return pairs
-
-
-BACKEND_NAMES = ("template", "hf", "openai")
-
-
-def check_backend(name: str) -> None:
-    if name not in BACKEND_NAMES:
-        allowed = ", ".join(BACKEND_NAMES)
-        raise ConfigError(f"--backend: unknown backend {name!r}; allowed: {allowed}")
-
-
-def make_backend(name: str, **config: Any) -> Backend:
-    """The backend called `name`; model backends are imported only when asked for, so the CLI
-    stays free of torch and network code. `config` holds the backend's own options."""
-    check_backend(name)
-    if name == "hf":
-        from raft_dist.generate.backend_hf import HfBackend
-
-        return HfBackend(**config)
-    if name == "openai":
-        from raft_dist.generate.backend_openai import OpenAIBackend
-
-        return OpenAIBackend(**config)
-    if config:
-        raise ConfigError(f"--backend template takes no model options (got {', '.join(config)})")
-    return TemplateBackend()
 
 
 # --------------------------------------------------------------------------- running backends
