@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+
 DEFAULT_RUNS = 7
 TARGET_S = 0.5
 
@@ -27,7 +27,7 @@ TARGET_S = 0.5
 def console_script() -> Path:
     """The raft-dist script next to the running interpreter, else the project's venv."""
     beside = Path(sys.executable).parent / "raft-dist"
-    return beside if beside.exists() else ROOT / ".venv" / "bin" / "raft-dist"
+    return beside if beside.exists() else common.ROOT / ".venv" / "bin" / "raft-dist"
 
 
 def shebang_interpreter(script: Path) -> str:
@@ -61,7 +61,7 @@ def measure(runs: int = DEFAULT_RUNS) -> dict[str, Any]:
     for _ in range(runs):
         for name, command in commands.items():
             times[name].append(wall_time(command))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians = {name: common.median(values) for name, values in times.items()}
     return {
         "runs": runs,
         "commands": {name: " ".join(command) for name, command in commands.items()},
@@ -70,7 +70,7 @@ def measure(runs: int = DEFAULT_RUNS) -> dict[str, Any]:
         "added_by_raft_dist_s": medians["raft_dist_help"] - medians["python_pass"],
         "target": {
             "raft_dist_help_below_s": TARGET_S,
-            "verdict": "PASS" if medians["raft_dist_help"] < TARGET_S else "MISS",
+            "verdict": common.verdict(medians["raft_dist_help"] < TARGET_S),
         },
     }
 

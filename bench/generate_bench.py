@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+
 TARGET_EXAMPLES_PER_S = 2000
 TARGET_BIG_PEAK_MB = 1024
 FILE_BYTES = 100_000
@@ -93,7 +93,6 @@ def child(corpus: str, out: str, method: str) -> None:
     splits = result.manifest["splits"]
     records = sum(info["records"] for info in splits.values())
     out_bytes = sum(p.stat().st_size for p in Path(out).rglob("*.jsonl"))
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
             {
@@ -103,7 +102,7 @@ def child(corpus: str, out: str, method: str) -> None:
                 "setup_s": first[0] if first else seconds,
                 "seconds": seconds,
                 "examples_per_s": records / seconds,
-                "peak_rss_mb": peak_kb / 1024,
+                "peak_rss_mb": common.peak_rss_bytes() / common.MIB,
                 "output_mb": out_bytes / 1e6,
             }
         )
@@ -113,8 +112,8 @@ def child(corpus: str, out: str, method: str) -> None:
 def measure(corpus: Path, method: str, workdir: Path) -> dict:
     out = workdir / f"out-{method}"
     command = [sys.executable, __file__, "--child", str(corpus), str(out), method]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=common.ROOT)
     shutil.rmtree(out, ignore_errors=True)
     if result.returncode != 0:
         raise SystemExit(f"{method} run failed:\n{result.stderr}")
@@ -168,7 +167,7 @@ def main() -> None:
             print(f"{method}: done in {rows[-1]['seconds']:.1f} s", flush=True)
     print(table(size / 1e6, rows, args.big or megabytes >= 200))
     if args.json:
-        Path(args.json).write_text(json.dumps({"corpus_mb": size / 1e6, "runs": rows}, indent=2))
+        common.write_json(Path(args.json), {"corpus_mb": size / 1e6, "runs": rows})
 
 
 if __name__ == "__main__":

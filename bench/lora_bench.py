@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import re
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,11 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
+from common import MIB
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_TOKENIZER = ROOT / "raft_dist" / "assets" / "tiny-tokenizer"
-MIB = 1024**2
 MODEL_SEED = 1234
 BATCH_SEED = 5678
 TARGET_RATIO = 0.3
@@ -72,8 +68,6 @@ VARIANTS: dict[str, list[str]] = {
     ],
 }
 REFERENCE = "full_fp32"
-# A 1-minute load average above this at the start means something else was running.
-BUSY_LOAD = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,20 +85,9 @@ def native_bf16() -> bool:
 
 def build_checkpoint(folder: Path) -> int:
     """The shared starting point: a seeded random Llama saved in fp32, as a checkpoint would be."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
-    config = LlamaConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **MODEL_SHAPE,
-    )
-    torch.manual_seed(MODEL_SEED)
-    model = LlamaForCausalLM(config)
+    model = common.random_llama(MODEL_SHAPE, MODEL_SEED)
     model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return common.parameter_count(model)
 
 
 def run_variant(
@@ -151,7 +134,7 @@ def measure(
     steps: int = DEFAULT_STEPS,
     warmup: int = DEFAULT_WARMUP,
     seq_len: int | None = None,
-    log: Any = print,
+    log: common.Log = print,
 ) -> dict[str, Any]:
     """Every variant on the same checkpoint and batch; ratios are to full fine-tuning in fp32."""
     started = time.perf_counter()
@@ -165,7 +148,7 @@ def measure(
             f"sequence length {seq_len} instead of {FULL_SEQ_LEN}: this CPU has no native bf16 "
             "matmuls (no avx512_bf16/amx_bf16), bf16 steps are emulated and slow"
         )
-    if load_at_start[0] > BUSY_LOAD:
+    if common.is_busy(load_at_start):
         notes.append(
             f"load average {load_at_start[0]:.2f} at the start: other work on this machine "
             "slows the steps (see 'other load'); the memory figures do not depend on it"
@@ -218,7 +201,7 @@ def measure(
             "value": footprint_ratio,
             "frozen_weights_only": qlora["ratio_to_fp32"]["frozen_weight_bytes"],
             "with_quant_state": with_state,
-            "verdict": "PASS" if footprint_ratio <= TARGET_RATIO else "MISS",
+            "verdict": common.verdict(footprint_ratio <= TARGET_RATIO),
         },
         "load_avg_at_start": load_at_start,
         "load_avg_at_end": os.getloadavg(),
@@ -226,46 +209,36 @@ def measure(
     }
 
 
-def markdown(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
-
-
 def mib(value: float | None) -> str:
     return "-" if value is None else f"{value / MIB:.0f}"
 
 
+WEIGHTS_HEADER = (
+    "variant",
+    "weights MiB (x fp32)",
+    "of which adapters MiB",
+    "frozen weights (x fp32)",
+    "4-bit quant state MiB",
+    "bits per 4-bit weight",
+    "trainable params",
+)
+PROCESS_HEADER = (
+    "variant",
+    "RSS after imports MiB",
+    "RSS after load MiB",
+    "of which malloc free MiB",
+    "peak RSS MiB (x fp32)",
+    "training peak MiB (x fp32)",
+    "step s (x fp32)",
+    "step CPU s",
+    "other load",
+)
+
+
 def tables(payload: dict[str, Any]) -> str:
     """Two markdown tables, weights and process, for the terminal and for bench/README.md."""
-    weights: list[tuple[str, ...]] = [
-        (
-            "variant",
-            "weights MiB (x fp32)",
-            "of which adapters MiB",
-            "frozen weights (x fp32)",
-            "4-bit quant state MiB",
-            "bits per 4-bit weight",
-            "trainable params",
-        )
-    ]
-    process: list[tuple[str, ...]] = [
-        (
-            "variant",
-            "RSS after imports MiB",
-            "RSS after load MiB",
-            "of which malloc free MiB",
-            "peak RSS MiB (x fp32)",
-            "training peak MiB (x fp32)",
-            "step s (x fp32)",
-            "step CPU s",
-            "other load",
-        )
-    ]
+    weights: list[tuple[str, ...]] = []
+    process: list[tuple[str, ...]] = []
     for name, v in payload["variants"].items():
         r = v["ratio_to_fp32"]
         bits = v["bits_per_quantized_weight"]
@@ -296,10 +269,14 @@ def tables(payload: dict[str, Any]) -> str:
                 f"{v['other_load_during_timed_steps']:.0%}",
             )
         )
-    return markdown(weights) + "\n\n" + markdown(process)
+    return (
+        common.markdown_table(WEIGHTS_HEADER, weights)
+        + "\n\n"
+        + common.markdown_table(PROCESS_HEADER, process)
+    )
 
 
-def report_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def report_rows(payload: dict[str, Any]) -> list[common.Row]:
     """Rows (metric, value, target, verdict) for bench/run.py's combined table."""
     target = payload["target"]
     rows = [
@@ -320,52 +297,9 @@ def report_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 # Child: one variant, built and trained with raft-dist's own code
 
 
-def status_kib(field: str) -> int | None:
-    """A VmRSS/VmHWM line of /proc/self/status, in KiB (None where there is no /proc)."""
-    try:
-        text = Path("/proc/self/status").read_text(encoding="utf-8")
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def reset_peak_rss() -> bool:
-    """Linux resets the RSS high-water mark on '5' to clear_refs: the training phase then gets
-    a peak of its own, apart from the transient peak of loading the checkpoint."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
-    except OSError:
-        return False
-    return True
-
-
-def max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def adapter_bytes(model: Any) -> int:
     """peft injects the adapters into the base model, so its get_memory_footprint holds them."""
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
-
-
-def cpu_reading() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0].split()[1:]
-    except OSError:
-        return (0.0, time.process_time())
-    ticks = [int(x) for x in fields]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    hz = os.sysconf("SC_CLK_TCK")
-    return ((sum(ticks[:8]) - idle) / hz, time.process_time())
-
-
-def other_load(before: tuple[float, float], after: tuple[float, float], wall: float) -> float:
-    """Share of the machine's CPU time that other processes used while the steps ran."""
-    busy = after[0] - before[0]
-    own = after[1] - before[1]
-    return max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
 
 
 def grad_norm(params: list[Any]) -> float:
@@ -433,11 +367,11 @@ def child(args: argparse.Namespace) -> int:
     from raft_dist.config import load_recipe
     from raft_dist.model import load_tokenizer
 
-    rss_imports = status_kib("VmRSS")
+    rss_imports = common.status_bytes("VmRSS")
     overrides = [
         *COMMON,
         f"model.name_or_path={args.checkpoint}",
-        f"model.tokenizer={TINY_TOKENIZER}",
+        f"model.tokenizer={common.TINY_TOKENIZER}",
         *VARIANTS[args.child],
     ]
     recipe = load_recipe(None, overrides)
@@ -448,10 +382,10 @@ def child(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - load_started
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    load_peak = max_rss_bytes()
-    rss_loaded = status_kib("VmRSS")
+    load_peak = common.peak_rss_bytes()
+    rss_loaded = common.status_bytes("VmRSS")
     malloc_free = malloc_free_bytes()
-    can_reset = reset_peak_rss()
+    can_reset = common.reset_peak_rss()
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -463,7 +397,7 @@ def child(args: argparse.Namespace) -> int:
     step_s, step_cpu_s, losses, grad_norms = [], [], [], []
     for index in range(args.warmup + args.steps):
         if index == args.warmup:
-            timed_from, cpu_from = time.perf_counter(), cpu_reading()
+            cpu_from = common.cpu_reading()
         wall_0, cpu_0 = time.perf_counter(), time.process_time()
         loss = model(**batch).loss
         loss.backward()
@@ -477,10 +411,9 @@ def child(args: argparse.Namespace) -> int:
         step_s.append(time.perf_counter() - wall_2 + wall_1 - wall_0)
         step_cpu_s.append(time.process_time() - cpu_2 + cpu_1 - cpu_0)
         losses.append(float(loss))
-    timed_wall = time.perf_counter() - timed_from
-    timed_other = other_load(cpu_from, cpu_reading(), timed_wall)
-    train_peak = max_rss_bytes()
-    hwm = status_kib("VmHWM")
+    timed_other = common.other_load(cpu_from, common.cpu_reading())
+    train_peak = common.peak_rss_bytes()
+    hwm = common.status_bytes("VmHWM")
 
     quantized = quantized_weights(base)
     result = {
@@ -500,24 +433,22 @@ def child(args: argparse.Namespace) -> int:
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
         "base_weight_dtypes": sorted({str(p.dtype) for p in base.parameters()}),
-        "rss_after_imports_bytes": None if rss_imports is None else rss_imports * 1024,
-        "rss_after_load_bytes": None if rss_loaded is None else rss_loaded * 1024,
+        "rss_after_imports_bytes": rss_imports,
+        "rss_after_load_bytes": rss_loaded,
         "malloc_free_after_load_bytes": malloc_free,
         "load_peak_rss_bytes": load_peak,
         # ru_maxrss over the whole process: loading, optimizer states and training steps.
         "peak_rss_bytes": max(load_peak, train_peak),
-        "train_peak_rss_bytes": (hwm * 1024 if hwm is not None else train_peak)
-        if can_reset
-        else None,
+        "train_peak_rss_bytes": (hwm if hwm is not None else train_peak) if can_reset else None,
         "step_s": step_s,
-        "median_step_s": statistics.median(step_s[args.warmup :]),
+        "median_step_s": common.median(step_s[args.warmup :]),
         "step_cpu_s": step_cpu_s,
-        "median_step_cpu_s": statistics.median(step_cpu_s[args.warmup :]),
+        "median_step_cpu_s": common.median(step_cpu_s[args.warmup :]),
         "other_load_during_timed_steps": timed_other,
         "losses": losses,
         "grad_norms": grad_norms,
     }
-    Path(args.result).write_text(json.dumps(result, indent=1), encoding="utf-8")
+    common.write_json(args.result, result)
     return 0
 
 
@@ -535,7 +466,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"tokens in the batch (default {FULL_SEQ_LEN}, or {EMULATED_BF16_SEQ_LEN} on a CPU "
         "without native bf16)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -549,8 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    payload = measure(args.steps, args.warmup, args.seq_len, log=lambda s: print(s, flush=True))
-    payload["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    payload = measure(args.steps, args.warmup, args.seq_len, log=common.progress)
+    payload["command"] = common.command_line()
     print()
     print(tables(payload))
     target = payload["target"]
@@ -562,9 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in payload["notes"]:
         print(f"note: {note}")
     print(f"total {payload['wall_s']:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "lora.json"
-    path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    path = common.write_json(args.out / "lora.json", payload)
     print(f"written: {path}")
     return 0
 

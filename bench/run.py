@@ -9,10 +9,7 @@ turns that dict into table rows (metric, value, target, verdict). Add new ones t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,18 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_startup  # noqa: E402
+import common  # noqa: E402
 import lora_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-Row = tuple[str, str, str, str]
-# A 1-minute load average above this before the start means something else was running.
-BUSY_LOAD = 0.5
+from common import Row  # noqa: E402
 
 
 @dataclass
@@ -77,69 +70,16 @@ BENCHMARKS = [
     Benchmark("cli_startup", lambda a: cli_startup.measure(a.runs), cli_rows),
     Benchmark(
         "throughput",
-        lambda a: throughput.run_pairs(
-            a.pairs, a.steps, a.quiet_wait, log=lambda line: print(line, flush=True)
-        ),
+        lambda a: throughput.run_pairs(a.pairs, a.steps, a.quiet_wait, log=common.progress),
         throughput_rows,
     ),
     Benchmark(
         "zero",
-        lambda a: zero_bench.measure(
-            a.zero_steps, a.zero_rounds, out=a.out, log=lambda line: print(line, flush=True)
-        ),
+        lambda a: zero_bench.measure(a.zero_steps, a.zero_rounds, out=a.out, log=common.progress),
         zero_bench.report_rows,
     ),
-    Benchmark(
-        "lora",
-        lambda a: lora_bench.measure(log=lambda line: print(line, flush=True)),
-        lora_bench.report_rows,
-    ),
+    Benchmark("lora", lambda a: lora_bench.measure(log=common.progress), lora_bench.report_rows),
 ]
-
-
-def markdown_table(rows: list[Row]) -> str:
-    """One table for the terminal and for pasting into bench/README.md."""
-    header: Row = ("metric", "value", "target", "verdict")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-
-    def line(row: Row) -> str:
-        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
-
-    return "\n".join(
-        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        + [line(r) for r in rows]
-    )
-
-
-def git(*args: str) -> str | None:
-    """Output of a git command in the project, or None outside a checkout."""
-    try:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout.strip()
-
-
-def environment() -> dict[str, Any]:
-    """What the figures depend on, stored next to them."""
-    import accelerate
-    import torch
-    import transformers
-
-    commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain")
-    return {
-        "git_commit": commit,
-        "git_dirty": None if dirty is None else bool(dirty),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "machine": platform.machine(),
-        "load_avg_at_start": os.getloadavg(),
-    }
 
 
 def plot_throughput(result: dict[str, Any], path: Path) -> None:
@@ -155,7 +95,7 @@ def plot_throughput(result: dict[str, Any], path: Path) -> None:
         speeds = [run[loop]["tokens_per_s"] for run in result["runs"]]
         ax.plot(pairs, speeds, marker="o", label=loop)
     for pair, load in enumerate(result["other_load_per_pair"], start=1):
-        if load > throughput.QUIET_SHARE:
+        if load > common.QUIET_SHARE:
             ax.axvspan(pair - 0.4, pair + 0.4, color="grey", alpha=0.2, lw=0)
             ax.annotate(f"other load {load:.0%}", (pair, 0), ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("pair (runs in the order raft_dist, bare_torch, hf_trainer)")
@@ -190,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--zero-steps", type=int, default=zero_bench.DEFAULT_STEPS)
     parser.add_argument("--zero-rounds", type=int, default=zero_bench.DEFAULT_ROUNDS)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument(
         "--only", nargs="*", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks"
     )
@@ -200,8 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    env = environment()
-    if env["load_avg_at_start"][0] > BUSY_LOAD:
+    env = common.environment()
+    if common.is_busy(env["load_avg_at_start"]):
         print(
             f"note: load average {env['load_avg_at_start'][0]:.2f} at the start; other work "
             "on this machine makes the figures noisy",
@@ -224,24 +164,23 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     env["load_avg_at_end"] = os.getloadavg()
     print()
-    print(markdown_table(rows))
+    print(common.markdown_table(("metric", "value", "target", "verdict"), rows))
     print(f"\ntotal {wall:.0f} s")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    latest = args.out / "latest.json"
-    command = " ".join([Path(sys.executable).name, *sys.argv])
-    payload = {"command": command, "environment": env, "wall_s": wall, "results": results}
-    latest.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    written = [latest]
+    payload = {
+        "command": common.command_line(),
+        "environment": env,
+        "wall_s": wall,
+        "results": results,
+    }
+    written = [common.write_json(args.out / "latest.json", payload)]
     if "throughput" in results:
         plot = args.out / "throughput.png"
         plot_throughput(results["throughput"], plot)
         written.append(plot)
     if "lora" in results:
         print(lora_bench.tables(results["lora"]))
-        lora_json = args.out / "lora.json"
-        lora_json.write_text(json.dumps(results["lora"], indent=1), encoding="utf-8")
-        written.append(lora_json)
+        written.append(common.write_json(args.out / "lora.json", results["lora"]))
     print("written: " + ", ".join(str(p) for p in written))
     return 0
 

@@ -18,8 +18,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -27,19 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE_PATH = ROOT / "configs" / "tiny.yaml"
-# The train/ folder itself, not the data set root: then no eval split is found and none runs.
-TRAIN_DATA = ROOT / "data" / "demo" / "train"
 WARMUP_STEPS = 2
 DEFAULT_STEPS = 40
 DEFAULT_PAIRS = 7
 MICRO_BATCH_SIZE = 4
 MAX_SEQ_LEN = 1024
-# A pair is "quiet" when no run in it saw other processes use more than this share of the CPU.
-QUIET_SHARE = 0.10
 DEFAULT_QUIET_WAIT_S = 120.0
 LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
 # Ratio name -> (numerator loop, denominator loop, target the median must reach).
@@ -75,7 +67,7 @@ def bench_overrides(steps: int, out_dir: Path) -> list[str]:
     Trainer and the bare loop then need no scheduler of their own to match the losses).
     """
     return [
-        f"data.train={TRAIN_DATA}",
+        f"data.train={common.DEMO_TRAIN}",
         f"training.max_steps={steps}",
         "training.gradient_accumulation_steps=1",
         f"training.micro_batch_size={MICRO_BATCH_SIZE}",
@@ -99,16 +91,22 @@ def bench_overrides(steps: int, out_dir: Path) -> list[str]:
 def load_bench_recipe(steps: int, out_dir: Path) -> Any:
     from raft_dist.config import load_recipe
 
-    return load_recipe(RECIPE_PATH, bench_overrides(steps, out_dir))
+    return load_recipe(common.TINY_RECIPE, bench_overrides(steps, out_dir))
 
 
 def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
     """The batches the raft-dist loop will draw, from the streams the loop itself builds."""
+    from raft_dist.data.check import check_data
     from raft_dist.data.streaming import build_streams
     from raft_dist.model import load_tokenizer
 
     stream, held_out = build_streams(
-        recipe, load_tokenizer(recipe.model), rank=0, world_size=1, seen_ids=None
+        recipe,
+        load_tokenizer(recipe.model),
+        check_data(recipe.data),
+        rank=0,
+        world_size=1,
+        seen_ids=None,
     )
     if held_out is not None:
         raise RuntimeError(f"{recipe.data.train} has an eval split: the loop would evaluate")
@@ -205,7 +203,7 @@ def run_bare_torch(recipe: Any, batches: list[dict[str, Any]], tokens: list[int]
     """The least a training step can do: forward, token-summed loss, backward, clip, step."""
     import torch
 
-    from raft_dist.train.loop import token_loss_sum
+    from raft_dist.evaluate import token_loss_sum
 
     _, model = seeded_model(recipe)
     model.train()
@@ -255,7 +253,7 @@ def run_hf_trainer(
 
     from raft_dist.data.batching import collate
     from raft_dist.data.streaming import pad_token_id
-    from raft_dist.train.loop import token_loss_sum
+    from raft_dist.evaluate import token_loss_sum
 
     t = recipe.training
     if any(len(b["input_ids"]) != t.micro_batch_size for b in batches):
@@ -337,38 +335,6 @@ def run_hf_trainer(
 # ---- pairs and report ----------------------------------------------------------------------
 
 
-def machine_busy_s() -> float:
-    """CPU seconds all processes have used since boot (every core; /proc/stat, Linux only)."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except OSError:
-        return float("nan")
-    ticks = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
-    busy = sum(ticks) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_s() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Share of the machine's CPU time used by other processes between two readings.
-
-    On 2 cores a second busy process does not just take its share: torch's OpenMP threads wait
-    for the one that lost its core, and a step can take several times longer. Runs with a high
-    share are flagged so that a ratio from a contended pair is not read as a property of a loop.
-    """
-    wall = after[0] - before[0]
-    foreign = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
-
-
-def meter_reading() -> tuple[float, float, float]:
-    return time.perf_counter(), machine_busy_s(), own_cpu_s()
-
-
 def run_loop(
     loop: str,
     recipe: Any,
@@ -379,38 +345,19 @@ def run_loop(
 ) -> LoopRun:
     """One timed run of one loop over `batches`, from a reset global state."""
     fresh_process_state(threads)
-    before = meter_reading()
+    before = common.cpu_reading()
     if loop == "raft_dist":
         run = run_raft_dist(len(batches), tokens, work_dir)
     elif loop == "bare_torch":
         run = run_bare_torch(recipe, batches, tokens)
     else:
         run = run_hf_trainer(recipe, batches, tokens, work_dir)
-    run.foreign_cpu_share = foreign_share(before, meter_reading())
+    run.foreign_cpu_share = common.other_load(before, common.cpu_reading())
     return run
 
 
-def wait_for_quiet(budget_s: float, log: Any) -> float:
-    """Wait (at most budget_s) until other processes leave the CPU; returns the seconds waited.
-
-    On a shared 2-core machine one other busy process makes every loop several times slower,
-    and a pair measured through it says nothing about the loops. Waiting is cheaper than
-    measuring noise; when the budget runs out the pair runs anyway and is flagged.
-    """
-    started = time.perf_counter()
-    while True:
-        before = meter_reading()
-        time.sleep(1.0)
-        load = foreign_share(before, meter_reading())
-        waited = time.perf_counter() - started
-        if load <= QUIET_SHARE or waited >= budget_s:
-            return waited
-        log(f"  other processes use {load:.0%} of the CPU; waiting ({waited:.0f} s so far)")
-        time.sleep(min(4.0, max(0.0, budget_s - waited)))
-
-
 def run_pairs(
-    pairs: int, steps: int, quiet_wait_s: float = 0.0, log: Any = print
+    pairs: int, steps: int, quiet_wait_s: float = 0.0, log: common.Log = print
 ) -> dict[str, Any]:
     """Alternate a, b, c `pairs` times on one batch list; return every run and the medians.
 
@@ -439,12 +386,12 @@ def run_pairs(
         spent = 0.0  # of the quiet budget: waiting, and pairs measured again
         while len(runs) < pairs:
             if spent < quiet_wait_s:
-                spent += wait_for_quiet(quiet_wait_s - spent, log)
+                spent += common.wait_for_quiet(quiet_wait_s - spent, log, pause_s=4.0)
             pair_started = time.perf_counter()
             result = {
                 loop: run_loop(loop, recipe, batches, tokens, work_dir, threads) for loop in LOOPS
             }
-            if pair_load(result) > QUIET_SHARE and spent < quiet_wait_s:
+            if pair_load(result) > common.QUIET_SHARE and spent < quiet_wait_s:
                 spent += time.perf_counter() - pair_started
                 discarded.append(result)
                 log(pair_line(len(runs), result) + " -> measured again")
@@ -471,7 +418,8 @@ def pair_line(pair: int, result: dict[str, LoopRun]) -> str:
 
 
 def pair_load(result: dict[str, LoopRun]) -> float:
-    """The highest share of CPU other processes took during any run of the pair."""
+    """The highest share of CPU other processes took during any run of the pair: a pair is
+    quiet when this is at most QUIET_SHARE."""
     return max(run.foreign_cpu_share for run in result.values())
 
 
@@ -491,8 +439,8 @@ def summarize(
     runs: list[dict[str, LoopRun]], steps: int, tokens: list[int], threads: int, wall_s: float
 ) -> dict[str, Any]:
     per_pair = [ratios(r) for r in runs]
-    medians = {name: statistics.median(p[name] for p in per_pair) for name in TARGETS}
-    quiet = [i for i, r in enumerate(runs) if pair_load(r) <= QUIET_SHARE]
+    medians = {name: common.median(p[name] for p in per_pair) for name in TARGETS}
+    quiet = [i for i, r in enumerate(runs) if pair_load(r) <= common.QUIET_SHARE]
     return {
         "unit": "non-pad input tokens per second (attention-mask sum), steady state",
         "settings": {
@@ -503,24 +451,23 @@ def summarize(
             "gradient_accumulation_steps": 1,
             "max_seq_len": MAX_SEQ_LEN,
             "dtype": "float32",
-            "torch_threads": threads,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            **common.thread_settings(threads),
             "tokens_per_step": tokens,
         },
         "runs": [{loop: asdict(r[loop]) for loop in LOOPS} for r in runs],
         "ratios_per_pair": per_pair,
         "median_ratio": medians,
         "median_tokens_per_s": {
-            loop: statistics.median(r[loop].tokens_per_s for r in runs) for loop in LOOPS
+            loop: common.median(r[loop].tokens_per_s for r in runs) for loop in LOOPS
         },
         "median_step_body_tokens_per_s": {
-            loop: statistics.median(r[loop].step_body_tokens_per_s for r in runs) for loop in LOOPS
+            loop: common.median(r[loop].step_body_tokens_per_s for r in runs) for loop in LOOPS
         },
         "max_loss_gap_to_bare": max_loss_gap(runs),
         "other_load_per_pair": [pair_load(r) for r in runs],
         "quiet_pairs": [i + 1 for i in quiet],
         "median_ratio_quiet_pairs": {
-            name: statistics.median(per_pair[i][name] for i in quiet) if quiet else None
+            name: common.median(per_pair[i][name] for i in quiet) if quiet else None
             for name in TARGETS
         },
         "targets": {
@@ -528,7 +475,7 @@ def summarize(
                 "target": target,
                 "median": medians[name],
                 "range": [min(p[name] for p in per_pair), max(p[name] for p in per_pair)],
-                "verdict": "PASS" if medians[name] >= target else "MISS",
+                "verdict": common.verdict(medians[name] >= target),
             }
             for name, (_, _, target) in TARGETS.items()
         },
@@ -553,7 +500,7 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
     quiet, pairs = summary["quiet_pairs"], summary["settings"]["pairs"]
     if len(quiet) < pairs:
         lines.append(
-            f"  warning: other processes took over {QUIET_SHARE:.0%} of the CPU during "
+            f"  warning: other processes took over {common.QUIET_SHARE:.0%} of the CPU during "
             f"{pairs - len(quiet)} of {pairs} pairs; these figures are not reliable"
         )
         if quiet:
@@ -583,7 +530,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="seconds in all to wait for other processes to leave the CPU",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     return parser.parse_args(argv)
 
 
@@ -591,9 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     summary = run_pairs(args.pairs, args.steps, args.quiet_wait)
     print("\n".join(report_lines(summary)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "throughput.json"
-    path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    path = common.write_json(args.out / "throughput.json", summary)
     print(f"written: {path}")
     return 0
 

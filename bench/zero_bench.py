@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -26,12 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import common
+from common import MIB, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 RAFT_DIST = ROOT / ".venv" / "bin" / "raft-dist"
-TINY_RECIPE = ROOT / "configs" / "tiny.yaml"
-TINY_TOKENIZER = ROOT / "raft_dist" / "assets" / "tiny-tokenizer"
 
 # name -> launch profile; DDP is the reference every ratio is taken against.
 PROFILES: dict[str, str] = {
@@ -47,8 +43,6 @@ RANKS = 2
 WARMUP_STEPS = 2
 DEFAULT_STEPS = 6
 DEFAULT_ROUNDS = 2
-QUIET_SHARE = 0.10
-MIB = 1024**2
 SAMPLE_EVERY_S = 0.25
 
 # Wide enough that the model states (16 bytes per parameter in fp32) stand out from the
@@ -85,25 +79,13 @@ def build_model(folder: Path) -> int:
         stored = json.loads(marker.read_text(encoding="utf-8"))
         if {k: stored.get(k) for k in wanted} == wanted:
             return int(stored["parameters"])
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **MODEL_SHAPE,
-    )
-    torch.manual_seed(MODEL_SEED)
-    model = LlamaForCausalLM(config)
+    model = common.random_llama(MODEL_SHAPE, MODEL_SEED)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     model.save_pretrained(folder, safe_serialization=True)
-    for source in TINY_TOKENIZER.iterdir():
+    for source in common.TINY_TOKENIZER.iterdir():
         shutil.copy2(source, folder / source.name)
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = common.parameter_count(model)
     marker.write_text(json.dumps({**wanted, "parameters": parameters}), encoding="utf-8")
     return parameters
 
@@ -112,12 +94,11 @@ def write_recipe(path: Path, model_dir: Path, steps: int) -> Path:
     """configs/tiny.yaml with the bench model and short, eval-free, save-free runs."""
     import yaml
 
-    recipe = yaml.safe_load(TINY_RECIPE.read_text(encoding="utf-8"))
+    recipe = yaml.safe_load(common.TINY_RECIPE.read_text(encoding="utf-8"))
     recipe["model"] = {"name_or_path": str(model_dir), "dtype": "float32"}
-    # The split folder: no eval split is found, so no evaluation runs inside the timed steps.
     # With the tiny tokenizer the demo prompts are 579-655 tokens and whole examples 654-746:
     # max_seq_len 768 keeps every example whole (512 would drop them all).
-    recipe["data"].update({"train": str(ROOT / "data" / "demo" / "train"), "max_seq_len": 768})
+    recipe["data"].update({"train": str(common.DEMO_TRAIN), "max_seq_len": 768})
     recipe["training"].update(
         {
             "micro_batch_size": 1,
@@ -143,40 +124,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def cpu_reading() -> tuple[float, float, float]:
-    """Wall clock, CPU seconds of every process on the machine, CPU seconds of this process tree.
-
-    Children count once they have been waited for, which a finished launch has been.
-    """
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        ticks = [int(v) for v in fields[:8]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        busy = float("nan")
-    t = os.times()
-    return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
-
-
-def foreign_share(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
-    """Share of the machine's CPU that other processes used meanwhile: on 2 cores, one busy
-    neighbour can make a step several times slower, so contended runs are flagged."""
-    wall = after[0] - before[0]
-    foreign = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, foreign / (wall * (os.cpu_count() or 1)))
-
-
-def wait_for_quiet(budget_s: float) -> float:
-    """Wait, at most budget_s, for other processes to leave the CPU; returns seconds waited."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < budget_s:
-        before = cpu_reading()
-        time.sleep(1.0)
-        if foreign_share(before, cpu_reading()) <= QUIET_SHARE:
-            break
-    return time.perf_counter() - started
-
-
 @dataclass
 class Run:
     name: str
@@ -193,7 +140,7 @@ class Run:
 
     @property
     def median_step_s(self) -> float:
-        return statistics.median(self.step_s) if self.step_s else float("nan")
+        return common.median(self.step_s)
 
 
 def env_for_launch() -> dict[str, str]:
@@ -221,7 +168,7 @@ def launch(name: str, round_: int, recipe: Path, run_dir: Path, steps: int) -> R
         "--main_process_port",
         str(free_port()),
     ]
-    before = cpu_reading()
+    before = common.cpu_reading()
     with (run_dir / "launch.log").open("w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
@@ -230,9 +177,9 @@ def launch(name: str, round_: int, recipe: Path, run_dir: Path, steps: int) -> R
         sampler.start()
         returncode = process.wait()
         sampler.stop()
-    after = cpu_reading()
-    run = Run(name, round_, str(run_dir), returncode, after[0] - before[0], 0.0)
-    run.foreign_cpu_share = foreign_share(before, after)
+    after = common.cpu_reading()
+    run = Run(name, round_, str(run_dir), returncode, after.wall_s - before.wall_s, 0.0)
+    run.foreign_cpu_share = common.other_load(before, after)
     if returncode == 0:
         run.step_s, run.tokens_per_s = steady_steps(run_dir)
         run.peak_rss_mib = rank_peaks(run_dir)
@@ -257,17 +204,6 @@ def descendants(root: int) -> set[int]:
                 found.add(child)
                 todo.append(child)
     return found
-
-
-def rss_mib(pid: int | str = "self") -> float | None:
-    """Resident set size now (VmRSS), or None when the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 class RankMemorySampler:
@@ -319,8 +255,9 @@ class RankMemorySampler:
         if not WARMUP_STEPS <= logged < self.steps:  # only while steps 3..N run
             return
         for pid, rank in self.ranks.items():
-            now = rss_mib(pid)
-            if now is not None:
+            rss = common.status_bytes("VmRSS", pid)
+            if rss is not None:
+                now = rss / MIB
                 self.floor_mib[rank] = min(now, self.floor_mib.get(rank, now))
                 self.samples += 1
 
@@ -352,7 +289,7 @@ def ops_compiled() -> bool:
     cache = Path(
         os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions")
     )
-    # The pattern raft_dist.train.setup.announce_op_compilation checks: <cache>/<tag>/<op>/*.so
+    # The pattern raft_dist.train.deepspeed.announce_op_compilation checks: <cache>/<tag>/<op>/*.so
     return all(any(cache.glob(f"*/{op}/*.so")) for op in ("cpu_adam", "deepspeed_shm_comm"))
 
 
@@ -372,13 +309,13 @@ def probe_baseline(model_dir: Path) -> dict[str, float]:
     from raft_dist.config import ModelConfig
     from raft_dist.model import load_model, load_tokenizer
 
-    runtime = rss_mib()
+    runtime = common.status_bytes("VmRSS")
     cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
     model = load_model(cfg, load_tokenizer(cfg))
     return {
-        "runtime_rss_mib": runtime,
-        "runtime_and_model_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "parameters": float(sum(p.numel() for p in model.parameters())),
+        "runtime_rss_mib": None if runtime is None else runtime / MIB,
+        "runtime_and_model_peak_rss_mib": common.peak_rss_bytes() / MIB,
+        "parameters": float(common.parameter_count(model)),
     }
 
 
@@ -443,23 +380,19 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
             if name in rnd and "ddp" in rnd
         ]
         peaks = [max(r.peak_rss_mib.values()) for r in mine if r.peak_rss_mib]
-        peak = statistics.median(peaks) if peaks else float("nan")
+        peak = common.median(peaks)
         floors = [max(r.floor_rss_mib.values()) for r in mine if r.floor_rss_mib]
-        floor = statistics.median(floors) if floors else float("nan")
+        floor = common.median(floors)
         profiles[name] = {
             "profile": PROFILES[name],
             "zero_stage": STAGE[name],
             "runs_ok": len(mine),
             "runs_failed": sum(1 for r in runs if r.name == name and r.returncode != 0),
-            "median_step_s": statistics.median([r.median_step_s for r in mine])
-            if mine
-            else float("nan"),
+            "median_step_s": common.median(r.median_step_s for r in mine),
             "step_s_per_round": [round(r.median_step_s, 4) for r in mine],
-            "ratio_to_ddp": statistics.median(ratios) if ratios else float("nan"),
+            "ratio_to_ddp": common.median(ratios),
             "ratio_to_ddp_per_round": [round(x, 4) for x in ratios],
-            "median_tokens_per_s": statistics.median([t for r in mine for t in r.tokens_per_s])
-            if mine
-            else float("nan"),
+            "median_tokens_per_s": common.median(t for r in mine for t in r.tokens_per_s),
             "peak_rss_mib_max_rank": peak,
             "peak_rss_mib_per_run": [r.peak_rss_mib for r in mine],
             "peak_minus_baseline_mib": peak - base,
@@ -483,7 +416,7 @@ def table(summary: dict[str, Any]) -> str:
         "fp32 states MiB",
         "paper mixed MiB",
     )
-    rows = [header]
+    rows = []
     for name, p in summary["profiles"].items():
         exp = p["expected_model_states_mib"]
         rows.append(
@@ -498,13 +431,7 @@ def table(summary: dict[str, Any]) -> str:
                 f"{exp['paper_mixed_precision']:.0f}",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-
-    def line(row: tuple[str, ...]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *(line(r) for r in rows[1:])])
+    return common.markdown_table(header, rows)
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
@@ -573,7 +500,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="before each run, wait up to S seconds for other load to leave the CPU",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--probe-baseline", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_baseline is None and args.steps <= WARMUP_STEPS + 1:
@@ -587,8 +514,8 @@ def measure(
     steps: int = DEFAULT_STEPS,
     rounds: int = DEFAULT_ROUNDS,
     quiet_wait: float = 0.0,
-    out: Path = ROOT / "bench" / "results",
-    log: Any = print,
+    out: Path = common.RESULTS,
+    log: common.Log = print,
 ) -> dict[str, Any]:
     """All launches of one invocation; writes zero.json and zero.png, returns what it wrote.
 
@@ -614,7 +541,7 @@ def measure(
     runs: list[Run] = []
     for round_ in range(rounds):
         for name in round_order(round_):
-            waited = wait_for_quiet(quiet_wait)
+            waited = common.wait_for_quiet(quiet_wait)
             run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}", steps)
             runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
@@ -631,7 +558,7 @@ def measure(
 
     summary = summarize(runs, params, baseline)
     payload = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": common.command_line(),
         "wall_s": time.perf_counter() - started,
         "steps": steps,
         "rounds": rounds,
@@ -641,14 +568,13 @@ def measure(
         "bytes_per_param": {"fp32_this_run": FP32_ADAM, "paper_mixed_precision": PAPER_MIXED},
         "load_avg_at_end": os.getloadavg(),
         "contended_runs": [
-            f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > QUIET_SHARE
+            f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > common.QUIET_SHARE
         ],
         "failed_runs": [f"r{r.round + 1} {r.name}" for r in runs if r.returncode != 0],
         "summary": summary,
         "runs": [{**asdict(r), "median_step_s": r.median_step_s} for r in runs],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zero.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    common.write_json(out / "zero.json", payload)
     plot(summary, out / "zero.png")
     return payload
 
@@ -660,7 +586,7 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     lines = [table(summary)]
     if payload["contended_runs"]:
         lines.append(
-            f"other processes took over {QUIET_SHARE:.0%} of the CPU during: "
+            f"other processes took over {common.QUIET_SHARE:.0%} of the CPU during: "
             + ", ".join(payload["contended_runs"])
         )
     if payload["failed_runs"]:
@@ -677,7 +603,7 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def report_rows(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def report_rows(payload: dict[str, Any]) -> list[common.Row]:
     """(metric, value, target, verdict) rows for bench/run.py's table; there is no target."""
     rows = []
     for name, p in payload["summary"]["profiles"].items():
@@ -700,9 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_baseline is not None:
         print(json.dumps(probe_baseline(args.probe_baseline)))
         return 0
-    payload = measure(
-        args.steps, args.rounds, args.quiet_wait, args.out, lambda s: print(s, flush=True)
-    )
+    payload = measure(args.steps, args.rounds, args.quiet_wait, args.out, common.progress)
     print()
     print("\n\n".join(report_lines(payload)))
     print(f"total {payload['wall_s']:.0f} s")

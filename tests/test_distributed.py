@@ -51,6 +51,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out_a = launch(recipe_a)
     launch(recipe_b, "cpu", "training.stop_after_steps=3")
     stopped = sorted(p.name for p in (root / "run_b" / "checkpoints").iterdir())
+    stopped_summary = json.loads((root / "run_b" / "summary.json").read_text())
+    stopped_final = (root / "run_b" / "final").exists()
+    stopped_peaks = sorted(p.name for p in (root / "run_b" / "ranks").glob("*_peak.json"))
     launch(recipe_b, "cpu", "training.resume=latest")
     return {
         "ids": ids,
@@ -58,6 +61,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "b": root / "run_b",
         "stdout_a": out_a.stdout,
         "stopped_checkpoints": stopped,
+        "stopped_summary": stopped_summary,
+        "stopped_final": stopped_final,
+        "stopped_peaks": stopped_peaks,
     }
 
 
@@ -85,6 +91,19 @@ def test_epoch_ends_together_after_padding_window(runs: dict) -> None:
     assert summary["steps"] == 8
     assert summary["examples_tokenized"] == sum(SHARDS)
     assert [e["step"] for e in summary["evals"]] == [4, 8]
+
+
+def test_an_early_stop_takes_the_same_exit_path(runs: dict) -> None:
+    """stop_after_steps: a checkpoint, no final/ and no final eval, the same summary and
+    per-rank files as a full run, and why it stopped."""
+    summary = runs["stopped_summary"]
+    assert summary["stopped"] == {"reason": "stop_after_steps", "step": 3}
+    assert summary["steps"] == 3 and summary["model_dir"] is None
+    assert summary["evals"] == []  # eval_every=4: a final eval would have added step 3
+    assert not runs["stopped_final"]
+    assert runs["stopped_peaks"] == ["rank0_peak.json", "rank1_peak.json"]
+    full = json.loads((runs["a"] / "summary.json").read_text())
+    assert full["stopped"] is None and set(full) == set(summary)
 
 
 def test_resume_is_exact(runs: dict) -> None:
