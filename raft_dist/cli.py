@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def train(recipe_path: str, overrides: tuple[str, ...]) -> None:
 
     recipe = load_recipe(recipe_path, overrides)
     run_training(recipe)
+    if "LOCAL_RANK" in os.environ:
+        # A rank of a distributed launch whose run is complete (files closed and synced, process
+        # group destroyed) leaves without interpreter finalization: under load, a library thread
+        # of the CPU collectives was seen to abort the process while it was being torn down
+        # ("terminate called without an active exception"), turning a finished run into a
+        # failed launch. Nothing of the run is left to flush but the standard streams.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
