@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def train(recipe_path: str, overrides: tuple[str, ...]) -> None:
     "--dry-run", is_flag=True, help="Print the resolved recipe and the exact command, run nothing."
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...]) -> None:
+def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...]) -> int:
     """Start `accelerate launch` with a profile and a recipe.
 
     ARGS are recipe overrides (section.key=value) and any other `accelerate launch` options,
@@ -89,7 +90,7 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
     """
     from raft_dist.config import load_recipe
     from raft_dist.data.check import check_data, write_stamp
-    from raft_dist.launcher import describe, plan_launch, run, split_args
+    from raft_dist.launcher import EXIT_STOPPED, describe, plan_launch, run, split_args
     from raft_dist.model import resolve_pretrained
     from raft_dist.rundir import RunDir
 
@@ -101,7 +102,7 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
         click.echo(recipe.to_yaml())
         click.echo("# command")
         click.echo(describe(plan))
-        return
+        return 0
     if plan.machine_rank == 0:
         # The one full check of the data; the stamp tells the ranks they need not repeat it.
         # Other machines skip it: global rank 0 runs on machine 0 and reads the stamp there.
@@ -110,9 +111,49 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
         click.echo(f"data ok: {check.counts()}", err=True)
     resolve_pretrained(recipe.model.name_or_path)  # convert the bundled model once, not per rank
     click.echo(f"+ {describe(plan)}", err=True)
-    code = run(plan)
+    run_dir = RunDir(Path(recipe.output.dir))
+    code = run(plan, run_dir)
+    if code == EXIT_STOPPED:
+        stopped = json.loads(run_dir.stopped.read_text(encoding="utf-8"))
+        click.echo(
+            f"stopped after step {stopped['step']} ({stopped['detail'] or stopped['reason']}): "
+            f"the checkpoint is saved; exit code {EXIT_STOPPED}. Continue with "
+            "training.resume=latest (the sbatch templates requeue the job).",
+            err=True,
+        )
+        return EXIT_STOPPED
     if code != 0:
         raise RaftDistError(f"training exited with code {code} (see the messages above)")
+    return 0
+
+
+@cli.command("recipe")
+@click.option(
+    "--config", "recipe_path", required=True, type=click.Path(dir_okay=False), help=RECIPE_HELP
+)
+@click.option("--get", "key", default=None, help="Print one value, e.g. output.dir.")
+@click.argument("overrides", nargs=-1)
+def recipe_command(recipe_path: str, key: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the resolved recipe (YAML + overrides, validated), or one value of it.
+
+    \b
+    Examples:
+      raft-dist recipe --config configs/tiny.yaml training.max_steps=50
+      raft-dist recipe --config configs/tiny.yaml --get output.dir
+    """
+    from raft_dist.config import load_recipe
+    from raft_dist.errors import ConfigError
+
+    recipe = load_recipe(recipe_path, overrides)
+    if key is None:
+        click.echo(recipe.to_yaml(), nl=False)
+        return
+    value: object = recipe.to_dict()
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"--get {key}: no such key in the recipe")
+        value = value[part]
+    click.echo("null" if value is None else value)
 
 
 @cli.command()

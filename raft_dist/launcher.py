@@ -21,6 +21,7 @@ from raft_dist.contract import Contract
 from raft_dist.env import env_flag
 from raft_dist.errors import ConfigError
 from raft_dist.resources import entry_script, resolve_profile, resource_dir
+from raft_dist.rundir import RunDir
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[\w]+)+=")
 
@@ -191,17 +192,63 @@ def describe(plan: LaunchPlan) -> str:
     return f"{env} {shlex.join(plan.command)}".strip()
 
 
-def run(plan: LaunchPlan) -> int:
-    """Run the launch; SIGTERM/SIGINT reach accelerate, which forwards them to every rank."""
-    env = {**os.environ, **plan.env}
-    process = subprocess.Popen(plan.command, env=env)
+EXIT_STOPPED = 75  # stopped at a step boundary with a checkpoint: "requeue me" (EX_TEMPFAIL)
+# torchrun's agent turns a handled signal into a tear-down of every worker with a 30 s grace,
+# prints a traceback, and exits at once on a second signal, killing workers mid-save. So it
+# handles only the hard-stop signals; stop requests reach the ranks another way (run()).
+AGENT_SIGNALS = "SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
-    def forward(signum: int, _frame: object) -> None:
-        process.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+def _ignore_stop_signals() -> None:
+    """In the accelerate process (the agent) before exec: an ignored signal stays ignored
+    across exec, and Python leaves an ignored SIGINT alone. The ranks install their own
+    handlers (raft_dist/train/stopping.py)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def run(plan: LaunchPlan, run_dir: RunDir) -> int:
+    """Run the launch and say how it ended: its exit code, or EXIT_STOPPED when the ranks
+    stopped on request (stop marker in the run folder).
+
+    Signals to this process:
+    * under Slurm (inside a job step) SIGTERM is ignored here: slurmd signals every process of
+      the step, the ranks included, and this process must outlive them to report;
+    * otherwise SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 leave the run folder's stop request,
+      which rank 0 sees at the next step: every rank saves and exits 0. A second SIGTERM or
+      SIGINT is a hard stop: SIGQUIT to the agent, which tears the workers down.
+    """
+    if plan.machine_rank == 0:
+        run_dir.stopped.unlink(missing_ok=True)
+        run_dir.stop_request.unlink(missing_ok=True)
+    env = {**os.environ, **plan.env, "PET_SIGNALS_TO_HANDLE": AGENT_SIGNALS}
+    process = subprocess.Popen(plan.command, env=env, preexec_fn=_ignore_stop_signals)
+    under_slurm = "SLURM_STEP_ID" in os.environ
+    asked = []
+
+    def on_stop_signal(signum: int, _frame: object) -> None:
+        if under_slurm and signum == signal.SIGTERM:
+            return
+        if asked and signum != signal.SIGUSR1:
+            process.send_signal(signal.SIGQUIT)
+            return
+        asked.append(signum)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+        run_dir.stop_request.touch()
+        print(
+            f"raft-dist launch: {signal.Signals(signum).name}: the run stops at the next step "
+            "(again for a hard stop)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, on_stop_signal) for s in STOP_SIGNALS}
     try:
-        return process.wait()
+        code = process.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if plan.machine_rank == 0 and run_dir.stopped.is_file():
+        return EXIT_STOPPED
+    return code

@@ -6,8 +6,11 @@
       metrics.jsonl               one JSON line per logged step and evaluation
       events.out.tfevents.*       TensorBoard (under raft-dist/), when logging.tensorboard
       summary.json                written at the end of every run, full or stopped early
+      stopped.json                the stop marker: this run stopped early and can resume
+      stop-request                written by the sbatch templates' time-limit trap; rank 0 stops
       ranks/rankN.json            what rank N really was (world size, engine, device, ...)
       ranks/rankN_peak.json       rank N's peak resident memory
+      ranks/shared-check          rank 0's nonce: every rank reads it back (shared filesystem?)
       audit/seen_ids_rankN.txt    record ids rank N trained on (data.record_audit)
       checkpoints/step-XXXXXXXX/  complete checkpoints (train/checkpoint.py says what is inside);
       checkpoints/.step-*.tmp/    a checkpoint being written, never read
@@ -44,11 +47,23 @@ class RunDir:
         return self.root / "summary.json"
 
     @property
+    def stopped(self) -> Path:
+        return self.root / "stopped.json"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / "stop-request"
+
+    @property
     def ranks(self) -> Path:
         return self.root / "ranks"
 
     def rank_facts(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}.json"
+
+    @property
+    def nonce(self) -> Path:
+        return self.ranks / "shared-check"
 
     def rank_peak(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}_peak.json"

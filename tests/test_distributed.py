@@ -97,7 +97,7 @@ def test_an_early_stop_takes_the_same_exit_path(runs: dict) -> None:
     """stop_after_steps: a checkpoint, no final/ and no final eval, the same summary and
     per-rank files as a full run, and why it stopped."""
     summary = runs["stopped_summary"]
-    assert summary["stopped"] == {"reason": "stop_after_steps", "step": 3}
+    assert summary["stopped"] == {"reason": "stop_after_steps", "step": 3, "detail": ""}
     assert summary["steps"] == 3 and summary["model_dir"] is None
     assert summary["evals"] == []  # eval_every=4: a final eval would have added step 3
     assert not runs["stopped_final"]

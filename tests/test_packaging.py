@@ -36,5 +36,7 @@ def test_wheel_ships_profiles_entry_script_and_assets(tmp_path: Path) -> None:
     for profile in ("cpu", "single_gpu", "multi_gpu", "multi_node"):
         assert f"{prefix}accelerate_configs/{profile}.yaml" in names
     assert f"{prefix}configs/tiny.yaml" in names
+    for template in ("common.sh", "cpu.sbatch", "multi_node.sbatch", "local/start.sh"):
+        assert f"{prefix}slurm/{template}" in names
     assert "raft_dist/assets/tiny-tokenizer/tokenizer.json" in names
     assert "raft_dist/cli.py" in names

@@ -60,6 +60,7 @@ class LiveSetup:
     world_size: int
     rank: int
     num_machines: int
+    machine_rank: int
     engine: str  # single | ddp | deepspeed
     distributed_type: str
     backend: str | None
@@ -88,6 +89,8 @@ def live_setup(accelerator: Any) -> LiveSetup:
         world_size=accelerator.num_processes,
         rank=accelerator.process_index,
         num_machines=max(1, machines),
+        # torchrun's node rank (accelerate passes --machine_rank to it as the node rank).
+        machine_rank=int(os.environ.get("GROUP_RANK", 0)),
         engine=engine,
         distributed_type=str(dtype.value if hasattr(dtype, "value") else dtype),
         backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,

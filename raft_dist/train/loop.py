@@ -7,10 +7,13 @@ gradient then equals the one of a single big batch, whatever the lengths and how
 examples fall on ranks. A rank whose data ran out runs zero-weight padding batches, so all ranks
 run the same collectives and agree on when an epoch ends: nothing is dropped or duplicated.
 
-Exit: `fit` returns None when the schedule is done, or a `Stop` when the run ends early (today
-`training.stop_after_steps`) after saving a checkpoint. `finish` is the one exit path for both:
-a full run evaluates and saves `final/`; a stopped run does neither; both write summary.json
-(a stopped one with "stopped": {"reason", "step"}) and the per-rank files, and exit 0.
+Exit: `fit` returns None when the schedule is done, or a `Stop` when the run ends early after
+saving a checkpoint: `training.stop_after_steps`, or a stop request (SIGTERM, SIGINT, SIGUSR1
+or the run folder's request file; train/stopping.py) that all ranks learn at the same step.
+`finish` is the one exit path for both: a full run evaluates and saves `final/`; a stopped run
+does neither; both write summary.json (a stopped one with "stopped": {"reason", "step", ...})
+and the per-rank files, and exit 0. A stop request also leaves the marker stopped.json, which
+`raft-dist launch` turns into its exit code 75 ("stopped, checkpoint saved: requeue me").
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raft_dist.atomic import write_json_atomic
 from raft_dist.config import Recipe
 from raft_dist.distributed import sum_over_ranks
-from raft_dist.errors import DataError
+from raft_dist.errors import ConfigError, DataError
 from raft_dist.rundir import RunDir
 from raft_dist.train.state import Stop, TrainState
+from raft_dist.train.stopping import StopRequests
 
 
 def estimate_total_steps(recipe: Recipe, total_records: int, world_size: int) -> int:
@@ -56,6 +61,7 @@ class Run:
     metrics: Any
     total_steps: int
     pad: dict
+    stops: StopRequests
     state: TrainState = field(default_factory=TrainState)
     seen_ids: list[str] | None = None
 
@@ -66,15 +72,20 @@ class Run:
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
-    run = setup(recipe)
-    stop = fit(run)
-    return finish(run, stop)
+    # First of all, so that a preemption during the (slow) setup is not lost.
+    stops = StopRequests().install()
+    try:
+        run = setup(recipe, stops)
+        stop = fit(run)
+        return finish(run, stop)
+    finally:
+        stops.restore()
 
 
 # ---- setup -------------------------------------------------------------------------------
 
 
-def setup(recipe: Recipe) -> Run:
+def setup(recipe: Recipe, stops: StopRequests) -> Run:
     from accelerate.utils import gather_object, set_seed
 
     from raft_dist.adapters import build_training_model, check_combination
@@ -110,8 +121,11 @@ def setup(recipe: Recipe) -> Run:
     if accelerator.is_main_process:
         paths.root.mkdir(parents=True, exist_ok=True)
         paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+        paths.stopped.unlink(missing_ok=True)  # a marker describes the previous attempt only
+        stops.watch(paths.stop_request)
     accelerator.wait_for_everyone()
     _write_rank_facts(paths, live)
+    _check_shared_run_dir(accelerator, paths)
 
     # Data before the model: a bad shard stops every rank in seconds, not after a model load.
     data = checked_data_for_run(accelerator, d, paths.data_stamp)
@@ -178,6 +192,7 @@ def setup(recipe: Recipe) -> Run:
         metrics=metrics,
         total_steps=total_steps,
         pad=padding_batch(tokenizer),
+        stops=stops,
         state=state,
         seen_ids=seen_ids,
     )
@@ -257,7 +272,10 @@ def fit(run: Run) -> Stop | None:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
-        window_loss, window_inputs = sum_over_ranks(accelerator, [float(loss_sum), input_tokens])
+        # The stop vote rides on the statistics the ranks exchange anyway: no extra collective.
+        window_loss, window_inputs, stop_votes = sum_over_ranks(
+            accelerator, [float(loss_sum), input_tokens, float(run.stops.requested())]
+        )
         state.step += 1
         state.target_tokens += global_tokens
         state.input_tokens += window_inputs
@@ -279,10 +297,17 @@ def fit(run: Run) -> Stop | None:
             )
         run.metrics.advance()
 
-        if run.eval_stream is not None and t.eval_every and step % t.eval_every == 0:
+        stop_after = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
+        stop = None
+        if step < run.total_steps and stop_votes > 0:
+            stop = Stop("stop_requested", step, run.stops.reason())
+        elif step < run.total_steps and stop_after:
+            stop = Stop("stop_after_steps", step)
+        # An evaluation would spend the grace time a preempted job has left: skip it then.
+        evaluating = run.eval_stream is not None and t.eval_every and step % t.eval_every == 0
+        if evaluating and stop_votes == 0:
             _evaluate(run, step)
-        stopping = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
-        if (t.save_every and step % t.save_every == 0) or stopping:
+        if (t.save_every and step % t.save_every == 0) or stop_after or stop is not None:
             path = save_checkpoint(
                 accelerator,
                 run.paths.checkpoints,
@@ -293,11 +318,9 @@ def fit(run: Run) -> Stop | None:
                 recipe.lora.enabled,
             )
             run.log.info("checkpoint %s", path)
-        if stopping and step < run.total_steps:
-            run.log.info(
-                "stopping after %d steps as asked (training.stop_after_steps)", steps_this_run
-            )
-            return Stop("stop_after_steps", step)
+        if stop is not None:
+            run.log.info("stopping after step %d: %s", step, stop.detail or stop.reason)
+            return stop
     return None
 
 
@@ -327,6 +350,9 @@ def finish(run: Run, stop: Stop | None) -> dict[str, Any]:
     summary = _summarize(run, stop)
     if accelerator.is_main_process:
         paths.summary.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+        if stop is not None and stop.resumable_interruption:
+            write_json_atomic(paths.stopped, stop.to_dict())
+            paths.stop_request.unlink(missing_ok=True)
     accelerator.print(_summary_text(summary, paths), flush=True)
     _write_audit(paths, accelerator.process_index, run.seen_ids)
     _write_rank_peak_memory(paths, accelerator.process_index)
@@ -421,6 +447,34 @@ def _write_rank_peak_memory(paths: RunDir, rank: int) -> None:
     paths.rank_peak(rank).write_text(
         json.dumps({"rank": rank, "peak_rss_mib": round(peak_mib, 1)}), encoding="utf-8"
     )
+
+
+def _check_shared_run_dir(accelerator: Any, paths: RunDir) -> None:
+    """Every rank must see one run folder: checkpoints are written by all ranks and a requeued
+    job may land on other nodes. Rank 0 writes a nonce there; every rank reads it back."""
+    import socket
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [uuid.uuid4().hex if accelerator.is_main_process else None]
+    broadcast_object_list(token)
+    if accelerator.is_main_process:
+        write_json_atomic(paths.nonce, token[0])
+    accelerator.wait_for_everyone()
+    try:
+        seen = json.loads(paths.nonce.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        seen = None
+    answers = gather_object([(accelerator.process_index, socket.gethostname(), seen == token[0])])
+    blind = [(rank, host) for rank, host, ok in answers if not ok]
+    if blind:
+        where = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+        raise ConfigError(
+            f"output.dir {paths.root} is not one folder for all ranks: {where} cannot see "
+            "what rank 0 wrote there. Put output.dir on a filesystem every node mounts "
+            "(checkpoints need every rank, and a requeued job may land on other nodes)."
+        )
 
 
 def _write_rank_facts(paths: RunDir, live: Any) -> None:

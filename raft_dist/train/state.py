@@ -33,8 +33,15 @@ class TrainState:
 class Stop:
     """Why a run ended before its schedule did, and after which optimizer step."""
 
-    reason: str  # "stop_after_steps" (more reasons come with preemption handling)
+    reason: str  # "stop_after_steps" | "stop_requested" (a signal or the request file)
     step: int
+    detail: str = ""  # e.g. "signal SIGTERM"
+
+    @property
+    def resumable_interruption(self) -> bool:
+        """Stopped from outside (preemption, time limit): the launcher says "requeue me".
+        stop_after_steps was asked for in the recipe and ends like a normal run."""
+        return self.reason == "stop_requested"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
