@@ -7,14 +7,16 @@
 # the requeue after a graceful stop.
 #
 # Knobs (environment; pass with `sbatch --export=ALL,NAME=value,...` or export before sbatch):
-#   RECIPE       training recipe (YAML), relative to the submit folder     [configs/tiny.yaml]
+#   RECIPE       training recipe (YAML), relative to the job's working folder [configs/tiny.yaml]
 #   PROFILE      launch profile: a name from accelerate_configs/ or a path [per template]
 #   OVERRIDES    space-separated recipe overrides: "training.max_steps=500 output.dir=runs/x"
 #   VENV         virtual environment to activate on every node              [.venv if present]
 #   PROCS_PER_NODE  training processes per node                             [per template]
 #   MASTER_ADDR  address of the first node (default: its NodeAddr from scontrol)
 #   MASTER_PORT  rendezvous port (default: 20000 + job id % 20000, so jobs do not collide)
-#   RAFT_DIST_HOME  folder holding slurm/common.sh (default: the submit folder)
+#   RAFT_DIST_HOME  folder holding slurm/common.sh (default: the job's working folder, i.e.
+#                submit from the raft-dist checkout or pass --chdir; a wheel install has it
+#                under <prefix>/share/raft-dist)
 # Nodes, GPUs, time, partition and account are sbatch's own options (--nodes, --gpus-per-node,
 # --time, --partition, --account) on the command line or in #SBATCH lines.
 #
@@ -32,7 +34,6 @@ raft_dist_fail() {
 }
 
 raft_dist_setup() {
-    cd "${SLURM_SUBMIT_DIR:-.}" || raft_dist_fail "cannot enter the submit folder ${SLURM_SUBMIT_DIR:-}"
     if [[ -n "${VENV:-}" ]]; then
         [[ -f "$VENV/bin/activate" ]] || raft_dist_fail "VENV=$VENV has no bin/activate"
         # shellcheck disable=SC1091

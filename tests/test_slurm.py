@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slurm
 
 STATE = Path(os.environ.get("RAFT_DIST_SLURM_DIR", "/tmp/raft-dist-slurm"))
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+# A job asking for more than the cluster has pends forever with one of these reasons.
+NEVER_RUNS = {"PartitionConfig", "PartitionNodeLimit", "BadConstraints", "ReqNodeNotAvail"}
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +81,13 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.5):
 def wait_done(env: dict, job_id: str, timeout: float = 240) -> dict[str, str]:
     def done() -> dict[str, str] | None:
         fields = job(env, job_id)
+        if fields.get("JobState") == "PENDING" and fields.get("Reason") in NEVER_RUNS:
+            raise AssertionError(f"job {job_id} can never run here: {fields['Reason']}")
         return fields if fields.get("JobState") in FINAL_STATES else None
 
     try:
         return wait_for(done, timeout, f"job {job_id} to finish")
-    except AssertionError:
+    except AssertionError:  # never leave a job behind
         subprocess.run(["scancel", job_id], env=env, check=False)
         raise
 
@@ -140,7 +144,13 @@ def test_multi_node_template_on_two_nodes(
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "run", training={"max_steps": 3})
     knobs = {"RECIPE": str(recipe), "PROFILE": profile, "PROCS_PER_NODE": "1", "CPU_ONLY": "1"}
     job_id = sbatch(
-        cluster, tmp_path, "multi_node.sbatch", "--nodes=2", "--gpus-per-node=0", **knobs
+        cluster,
+        tmp_path,
+        "multi_node.sbatch",
+        "--nodes=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        **knobs,
     )
     fields = wait_done(cluster, job_id, timeout=400)
     log = log_of(tmp_path, job_id)
