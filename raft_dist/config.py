@@ -49,7 +49,9 @@ class DataConfig:
     max_seq_len: int = field(default=512, metadata=_range(8))
     # Examples longer than max_seq_len: truncate the answer's end, or drop the example (counted).
     overlong: Literal["truncate", "drop"] = "truncate"
-    # Concatenate examples into full max_seq_len rows (fewer pad tokens, same loss masking).
+    # Put several whole examples into each max_seq_len row (fewer pad tokens). Examples stay
+    # apart: positions restart and attention is block-diagonal, so the loss and gradients
+    # equal unpacked training; an example is never split across rows.
     packing: bool = False
     # Skip malformed records (counted in the run summary) instead of stopping at the first one.
     skip_invalid: bool = False

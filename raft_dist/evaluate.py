@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from raft_dist.data.batching import block_causal_mask
 from raft_dist.data.tokenize import IGNORE_INDEX
 from raft_dist.distributed import sum_over_ranks
 
@@ -18,7 +19,15 @@ def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     import torch
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "sequence_ids" in batch:  # packed rows: examples apart (data/batching.py)
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=block_causal_mask(batch["sequence_ids"]),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
     loss = F.cross_entropy(

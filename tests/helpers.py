@@ -78,6 +78,45 @@ def launch(recipe: Path, profile: str = "cpu", *overrides: str) -> subprocess.Co
     return result
 
 
+def launch_two_machines(
+    recipe: Path, profile: str, env: dict[str, str], per_machine: tuple[list[str], list[str]]
+) -> tuple[list[int], list[str]]:
+    """Two `raft-dist launch` "machines" (machine ranks 0 and 1) on loopback, one process each;
+    `per_machine` adds arguments to each. Returns the exit codes and the outputs."""
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            [
+                *RAFT_DIST,
+                "launch",
+                "--profile",
+                profile,
+                "--config",
+                str(recipe),
+                *per_machine[rank],
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    return [node.returncode for node in nodes], outputs
+
+
 def rank_facts(run_dir: Path) -> list[dict]:
     """What each rank recorded about itself (world size, engine, backend, ZeRO stage)."""
     return [json.loads(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank?.json"))]

@@ -14,9 +14,8 @@ import pytest
 import torch
 from helpers import (
     RAFT_DIST,
-    ROOT,
-    free_port,
     launch,
+    launch_two_machines,
     offline_env,
     one_step_recipe,
     rank_facts,
@@ -187,40 +186,11 @@ def test_two_nodes_on_loopback(tmp_path: Path, profile: str) -> None:
         data={"record_audit": True},
         training={"epochs": 1},
     )
-    port = str(free_port())
     env = offline_env()
     if profile == "multi_node":
         env["ACCELERATE_USE_CPU"] = "1"  # the profile's header: CPU-only nodes need it
-    nodes = [
-        subprocess.Popen(
-            [
-                *RAFT_DIST,
-                "launch",
-                "--profile",
-                profile,
-                "--config",
-                str(recipe),
-                "--num_machines",
-                "2",
-                "--num_processes",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    codes, outputs = launch_two_machines(recipe, profile, env, ([], []))
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     facts = rank_facts(tmp_path / "run")
     assert [f["world_size"] for f in facts] == [2, 2]
     assert {f["engine"] for f in facts} == {"ddp" if profile == "multi_node" else "deepspeed"}

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 from helpers import (
-    RAFT_DIST,
     ROOT,
-    free_port,
     launch,
+    launch_two_machines,
     offline_env,
     rank_facts,
     seen_ids,
@@ -241,37 +240,12 @@ def test_a_run_folder_not_shared_by_all_machines_is_refused(data: Path, tmp_path
     """Two machines on loopback whose output.dir are two different folders (what a node-local
     disk looks like): every rank stops at start and says which rank cannot see rank 0's."""
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "run", training={"max_steps": 2})
-    port = str(free_port())
-    nodes = [
-        subprocess.Popen(
-            [
-                *RAFT_DIST,
-                "launch",
-                "--profile",
-                "multi_node",
-                "--config",
-                str(recipe),
-                f"output.dir={tmp_path / f'node{rank}'}",
-                "--num_machines",
-                "2",
-                "--num_processes",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-            ],
-            cwd=ROOT,
-            env=offline_env(ACCELERATE_USE_CPU="1"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode != 0 for node in nodes), outputs
+    codes, outputs = launch_two_machines(
+        recipe,
+        "multi_node",
+        offline_env(ACCELERATE_USE_CPU="1"),
+        ([f"output.dir={tmp_path / 'node0'}"], [f"output.dir={tmp_path / 'node1'}"]),
+    )
+    assert all(code != 0 for code in codes), outputs
     assert "is not one folder for all ranks: rank 1 on" in outputs[0] + outputs[1]
     assert not (tmp_path / "node0/final").exists()

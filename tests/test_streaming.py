@@ -86,7 +86,8 @@ def test_packing_keeps_every_target_token(tmp_path: Path, tokenizer) -> None:
         widths.append(batch["input_ids"].shape[1])
         total += int((batch["labels"] != -100).sum())
     assert total == targets
-    assert len(widths) > 1 and widths[:-1] == [512] * (len(widths) - 1)
+    # Whole examples only: rows stay within 512 tokens and hold several examples each.
+    assert 1 < len(widths) < 9 and max(widths) <= 512
 
 
 @pytest.mark.parametrize(("policy", "kept"), [("truncate", 3), ("drop", 0)])

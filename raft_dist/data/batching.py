@@ -1,4 +1,15 @@
-"""Rows of (input_ids, labels) -> padded tensors; packing of examples into full-length rows."""
+"""Rows of (input_ids, labels) -> padded tensors; packing of whole examples into rows.
+
+Packing (data.packing) puts several whole examples into one row of at most max_seq_len tokens
+and keeps them apart: position ids restart at each example, and attention is block-diagonal
+(each token sees only earlier tokens of its own example), built from `sequence_ids` by
+`block_causal_mask`. An example is never split across rows: its answer must not train
+without its documents and question. The loss and gradients of a packed batch equal those of
+the same examples run unpacked (a test checks it).
+
+Plain-text fine-tuning (data.format=text) concatenates lines into full rows instead (`pack_rows`):
+there a row is a window of one continuous text, as in classic causal-LM training.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +36,83 @@ def collate(rows: list[Row], *, pad_id: int) -> Batch:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def collate_packed(rows: list[list[Row]], *, pad_id: int) -> Batch:
+    """Rows of whole examples -> tensors with restarting positions and per-token example ids
+    (-1 on padding). The first token of each example is never a target: in a packed row its
+    label would otherwise be predicted from the previous example's last token."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    sequences = torch.full(shape, -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for number, (ids, targets) in enumerate(row):
+            end = start + len(ids)
+            input_ids[i, start:end] = torch.tensor(ids, dtype=torch.long)
+            labels[i, start + 1 : end] = torch.tensor(targets[1:], dtype=torch.long)
+            attention[i, start:end] = 1
+            positions[i, start:end] = torch.arange(len(ids))
+            sequences[i, start:end] = number
+            start = end
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "position_ids": positions,
+        "sequence_ids": sequences,
+    }
+
+
+def block_causal_mask(sequence_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean mask, True = may attend: causal within each example. A padding
+    token attends to itself only, so no attention row is empty (an empty row makes NaN)."""
+    length = sequence_ids.size(1)
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    real = (sequence_ids >= 0)[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=sequence_ids.device).tril()
+    diagonal = torch.eye(length, dtype=torch.bool, device=sequence_ids.device)
+    return ((same & real & causal) | diagonal)[:, None]
+
+
+def pack_examples(
+    examples: Iterator[Row],
+    pending_ids: list[int],
+    pending_labels: list[int],
+    *,
+    row_len: int,
+    rows: int,
+) -> list[list[Row]]:
+    """Up to `rows` rows of whole examples, each row at most `row_len` tokens.
+
+    The example that did not fit the last row waits in `pending_*` (the stream's saved state,
+    changed in place) and opens the next row. Every example fits an empty row: longer ones
+    were truncated or dropped by the overlong policy.
+    """
+    out: list[list[Row]] = []
+    while len(out) < rows:
+        row: list[Row] = []
+        used = 0
+        if pending_ids:
+            row.append((list(pending_ids), list(pending_labels)))
+            used = len(pending_ids)
+            pending_ids.clear()
+            pending_labels.clear()
+        for ids, labels in examples:
+            if used + len(ids) > row_len:
+                pending_ids.extend(ids)
+                pending_labels.extend(labels)
+                break
+            row.append((ids, labels))
+            used += len(ids)
+        if not row:
+            break
+        out.append(row)
+    return out
+
+
 def pack_rows(
     examples: Iterator[Row],
     buffer_ids: list[int],
@@ -33,11 +121,9 @@ def pack_rows(
     row_len: int,
     rows: int,
 ) -> list[Row]:
-    """Fill up to `rows` rows of exactly `row_len` tokens; the rest stays in the buffer.
-
-    The buffers are the stream's saved state and are changed in place. When the examples run
-    out, what is left becomes one last shorter row so no token is lost at the end of an epoch.
-    """
+    """Plain text: fill up to `rows` rows of exactly `row_len` tokens; the rest stays in the
+    buffer (the stream's saved state, changed in place). When the text runs out, what is left
+    becomes one last shorter row so no token is lost at the end of an epoch."""
     out: list[Row] = []
     while len(out) < rows:
         while len(buffer_ids) < row_len:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from raft_dist.config import Recipe
-from raft_dist.data.batching import Batch, collate, pack_rows
+from raft_dist.data.batching import Batch, collate, collate_packed, pack_examples, pack_rows
 from raft_dist.data.check import DataCheck
 from raft_dist.data.reader import Line, decode_text, iter_lines, parse_line
 from raft_dist.data.records import to_example
@@ -218,7 +218,8 @@ class RankStream:
         if self._examples is None:
             self._examples = self._tokenized()
         settings = self.settings
-        if settings.packing or settings.text:
+        pad_id = pad_token_id(self.tokenizer)
+        if settings.text:
             rows = pack_rows(
                 self._examples,
                 self.state.buffer_ids,
@@ -226,15 +227,22 @@ class RankStream:
                 row_len=settings.max_seq_len,
                 rows=settings.micro_batch_size,
             )
-        else:
-            rows = []
-            for ids, labels in self._examples:
-                rows.append((ids, labels))
-                if len(rows) == settings.micro_batch_size:
-                    break
-        if not rows:
-            return None
-        return collate(rows, pad_id=pad_token_id(self.tokenizer))
+            return collate(rows, pad_id=pad_id) if rows else None
+        if settings.packing:
+            packed = pack_examples(
+                self._examples,
+                self.state.buffer_ids,
+                self.state.buffer_labels,
+                row_len=settings.max_seq_len,
+                rows=settings.micro_batch_size,
+            )
+            return collate_packed(packed, pad_id=pad_id) if packed else None
+        rows = []
+        for ids, labels in self._examples:
+            rows.append((ids, labels))
+            if len(rows) == settings.micro_batch_size:
+                break
+        return collate(rows, pad_id=pad_id) if rows else None
 
 
 def build_streams(

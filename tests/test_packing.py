@@ -1,0 +1,96 @@
+"""Packing keeps examples apart: a packed batch gives the same summed loss and the same
+gradients as the same examples run one by one, and no example is split across rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_dataset
+
+from raft_dist.config import ModelConfig
+from raft_dist.data.batching import collate, collate_packed, pack_examples
+from raft_dist.data.records import parse_record, to_example
+from raft_dist.data.sources import load_shards
+from raft_dist.data.streaming import RankStream, StreamSettings
+from raft_dist.data.tokenize import LengthStats, encode_example
+from raft_dist.evaluate import token_loss_sum
+from raft_dist.model import load_model, load_tokenizer
+
+EXAMPLE_LEN = 256  # the longest example (overlong ones are truncated to it)
+ROW_LEN = 640  # a packed row holds two or three of them
+
+
+def encoded_examples(tmp_path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
+    write_dataset(tmp_path, [12], seed=4)
+    out = []
+    for line in (tmp_path / "train/shard-00000.jsonl").read_text().splitlines():
+        example = to_example(parse_record(json.loads(line), "x", 1))
+        encoded = encode_example(
+            tokenizer,
+            example.prompt,
+            example.completion,
+            max_len=EXAMPLE_LEN,
+            overlong="truncate",
+            stats=LengthStats(),
+        )
+        out.append((encoded.input_ids, encoded.labels))
+    return out
+
+
+def loss_and_grads(model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    total = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        loss, _ = token_loss_sum(model, batch)
+        loss.backward()
+        total += loss.detach().double()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+@pytest.mark.parametrize("arch", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
+def test_packed_loss_and_gradients_equal_unpacked(tmp_path: Path, arch: str) -> None:
+    cfg = ModelConfig(name_or_path=arch)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    model.train()
+    examples = encoded_examples(tmp_path, tokenizer)
+    pad = tokenizer.pad_token_id
+    packed_rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
+    assert sum(len(row) for row in packed_rows) == len(examples)
+    assert any(len(row) > 1 for row in packed_rows)  # rows really hold several examples
+    packed = [
+        collate_packed(packed_rows[i : i + 2], pad_id=pad) for i in range(0, len(packed_rows), 2)
+    ]
+    unpacked = [collate([example], pad_id=pad) for example in examples]
+
+    loss_u, grads_u = loss_and_grads(model, unpacked)
+    loss_p, grads_p = loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
+    assert grads_u.keys() == grads_p.keys()
+    for name, grad in grads_u.items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_the_stream_packs_whole_examples_and_resumes_exactly(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(ModelConfig())
+    write_dataset(tmp_path, [9, 7])
+    shards = load_shards(str(tmp_path))
+    settings = StreamSettings(max_seq_len=ROW_LEN, micro_batch_size=2, packing=True)
+    stream = RankStream(shards, tokenizer, settings, rank=0, world_size=1)
+    examples, rows = 0, 0
+    while (batch := stream.next_batch()) is not None:
+        assert batch["input_ids"].shape[1] <= ROW_LEN
+        for sequences, positions in zip(batch["sequence_ids"], batch["position_ids"], strict=True):
+            rows += 1
+            real = sequences >= 0
+            examples += int(sequences.max()) + 1
+            # Positions restart at 0 where each example starts.
+            starts = torch.nonzero(positions[real] == 0).flatten().tolist()
+            assert len(starts) == int(sequences.max()) + 1
+    assert examples == 16 and rows < 16
