@@ -7,6 +7,7 @@ job fails in the first second instead of after the model has loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class DataConfig:
 class TrainingConfig:
     """The optimisation recipe: batch geometry, schedule, checkpoints."""
 
-    seed: int = 42
+    seed: int = field(default=42, metadata=_range(0, 2**32 - 1))
     micro_batch_size: int = field(default=4, metadata=_range(1))
     gradient_accumulation_steps: int = field(default=1, metadata=_range(1))
     # Optimizer steps to run; null trains for `epochs` full passes.
@@ -82,6 +83,11 @@ class TrainingConfig:
     min_lr_ratio: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # 0 disables clipping.
     max_grad_norm: float = field(default=1.0, metadata=_range(0.0))
+    # A step whose loss or gradient norm is NaN/inf: stop the run (the last checkpoint stays the
+    # last good one), or skip the update (not under DeepSpeed, whose optimizer step runs inside
+    # backward) at most max_skipped_steps times in a run.
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = field(default=10, metadata=_range(1))
     # auto keeps what the accelerate launch config says.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # Evaluate every N optimizer steps (0: only at the end); eval_batches caps each evaluation.
@@ -301,6 +307,8 @@ def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value} is not a finite number")
     elif hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {_describe(value)}")

@@ -13,6 +13,10 @@ class ConfigError(RaftDistError):
     """A recipe key is unknown, mistyped or out of range; the message names the key."""
 
 
+class NonFiniteError(RaftDistError):
+    """The loss or the gradient norm became NaN/inf: the run stops before saving such weights."""
+
+
 class DataError(RaftDistError):
     """A data file is unreadable or a record is malformed; the message names file and line."""
 

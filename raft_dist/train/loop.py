@@ -28,7 +28,7 @@ from typing import Any
 from raft_dist.atomic import write_json_atomic
 from raft_dist.config import Recipe
 from raft_dist.distributed import sum_over_ranks
-from raft_dist.errors import ConfigError, DataError
+from raft_dist.errors import ConfigError, DataError, NonFiniteError
 from raft_dist.rundir import RunDir
 from raft_dist.train.state import Stop, TrainState
 from raft_dist.train.stopping import StopRequests
@@ -114,6 +114,11 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     live = live_setup(accelerator)
     # Refuse a launch that became something else before anything expensive happens.
     Contract.from_env().check(live)
+    if t.nonfinite == "skip" and live.engine == "deepspeed":
+        raise ConfigError(
+            "training.nonfinite=skip under DeepSpeed: its optimizer step runs inside backward, "
+            "before a non-finite gradient can be seen; use training.nonfinite=stop"
+        )
     for warning in cpu_warnings(live) if accelerator.is_main_process else []:
         log.warning(warning)
     resume_from = resolve_resume(t.resume, paths.checkpoints)
@@ -236,7 +241,7 @@ def fit(run: Run) -> Stop | None:
             continue
 
         loss_sum = torch.zeros((), dtype=torch.float64)
-        input_tokens, grad_norm, step_lr = 0.0, None, float("nan")
+        input_tokens, grad_norm, step_lr, scaler_skipped = 0.0, None, float("nan"), False
         for index, batch in enumerate(window):
             real = batch is not None
             batch = {k: v.to(accelerator.device) for k, v in (batch if real else run.pad).items()}
@@ -267,9 +272,16 @@ def fit(run: Run) -> Stop | None:
                     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                     step_lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    if not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
+                    # The norm is global (all ranks hold the same value), so every rank skips
+                    # or steps alike. Under DeepSpeed the step already ran inside backward().
+                    if t.nonfinite == "skip" and not _finite(grad_norm):
+                        state.skipped_steps += 1
+                    else:
+                        optimizer.step()
+                        # fp16 loss scaling skips overflowing steps by itself: not our guard's.
+                        scaler_skipped = accelerator.optimizer_step_was_skipped
+                        if not scaler_skipped:
+                            scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
         # The stop vote rides on the statistics the ranks exchange anyway: no extra collective.
@@ -296,6 +308,7 @@ def fit(run: Run) -> Stop | None:
                 },
             )
         run.metrics.advance()
+        _guard_nonfinite(run, step, window_loss, None if scaler_skipped else grad_norm)
 
         stop_after = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
         stop = None
@@ -322,6 +335,40 @@ def fit(run: Run) -> Stop | None:
             run.log.info("stopping after step %d: %s", step, stop.detail or stop.reason)
             return stop
     return None
+
+
+def _finite(value: Any) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
+def _guard_nonfinite(run: Run, step: int, window_loss: float, grad_norm: Any) -> None:
+    """Stop before non-finite weights can be saved. window_loss is summed over all ranks and
+    the gradient norm is global, so every rank reaches the same verdict at the same step."""
+    t = run.recipe.training
+    if t.nonfinite == "skip":
+        if run.state.skipped_steps > t.max_skipped_steps:
+            raise NonFiniteError(
+                f"step {step}: {run.state.skipped_steps} updates skipped for a non-finite "
+                f"gradient, more than training.max_skipped_steps={t.max_skipped_steps}; "
+                f"{_last_good(run)}"
+            )
+        return
+    if math.isfinite(window_loss) and _finite(grad_norm):
+        return
+    what = "loss" if not math.isfinite(window_loss) else "gradient norm"
+    raise NonFiniteError(
+        f"non-finite {what} at optimizer step {step} (loss {window_loss}, gradient norm "
+        f"{float(grad_norm) if grad_norm is not None else 'n/a'}): the run stops and saves "
+        f"nothing; {_last_good(run)}. Lower training.lr, check the data, or set "
+        "training.nonfinite=skip (not under DeepSpeed)."
+    )
+
+
+def _last_good(run: Run) -> str:
+    from raft_dist.train.checkpoint import find_latest
+
+    latest = find_latest(run.paths.checkpoints)
+    return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
 
 
 def _evaluate(run: Run, step: int) -> None:

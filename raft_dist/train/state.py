@@ -19,6 +19,7 @@ class TrainState:
     target_tokens: float = 0.0  # tokens the loss was computed on, all ranks
     input_tokens: float = 0.0  # tokens fed to the model (non-pad), all ranks
     evals: list[dict[str, Any]] = field(default_factory=list)
+    skipped_steps: int = 0  # updates skipped for a non-finite gradient (training.nonfinite=skip)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
