@@ -21,6 +21,10 @@ from raft_dist.train.state import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
+# The LR schedule's state as JSON. It used to go through Accelerate's register_for_checkpointing,
+# which loads custom_checkpoint_N.pkl with weights_only=False: a crafted checkpoint could run
+# code on resume. raft-dist registers nothing, so Accelerate loads no such pickle.
+LR_SCHEDULE = "lr_schedule.json"
 
 
 def data_state_file(checkpoint: Path, name: str, rank: int) -> Path:
@@ -62,6 +66,7 @@ def save_checkpoint(
     step: int,
     streams: dict[str, Any],
     trainer_state: TrainState,
+    scheduler: Any,
     keep_last: int,
     adapters_only: bool = False,
 ) -> Path:
@@ -83,6 +88,7 @@ def save_checkpoint(
         write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json_atomic(tmp / LR_SCHEDULE, scheduler.state_dict())
         write_json_atomic(tmp / TRAINER_STATE, trainer_state.to_dict())
         if final.exists():
             shutil.rmtree(final)
@@ -94,13 +100,25 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator: Any, path: Path, streams: dict[str, Any], adapters_only: bool = False
+    accelerator: Any,
+    path: Path,
+    streams: dict[str, Any],
+    scheduler: Any,
+    adapters_only: bool = False,
 ) -> TrainState:
     engine_kwargs = (
         {"load_module_strict": False}
         if adapters_only and deepspeed_plugin(accelerator) is not None
         else {}
     )
+    pickles = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickles:
+        raise ConfigError(
+            f"training.resume: {path} holds {', '.join(pickles)}, a pickle raft-dist does not "
+            "load (loading it could run any code). A checkpoint of an older raft-dist keeps "
+            "its LR schedule there: delete the file to resume; the schedule is then recomputed "
+            "from the step."
+        )
     accelerator.load_state(str(path), **engine_kwargs)
     rank = accelerator.process_index
     for name, stream in streams.items():
@@ -111,7 +129,24 @@ def load_checkpoint(
                 "by a run with fewer processes. Resume with the same world size."
             )
         stream.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
-    return TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
+    state = TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
+    _restore_schedule(scheduler, path, state)
+    return state
+
+
+def _restore_schedule(scheduler: Any, path: Path, state: TrainState) -> None:
+    schedule = path / LR_SCHEDULE
+    if schedule.is_file():
+        scheduler.load_state_dict(json.loads(schedule.read_text(encoding="utf-8")))
+        return
+    # A checkpoint of an older raft-dist pickled the schedule; its pickle is never loaded. The
+    # schedule is a function of the optimizer steps taken, so step it that far again.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+        for _ in range(state.step - state.skipped_steps):
+            scheduler.step()
 
 
 ADAPTER_DIR = "adapter"

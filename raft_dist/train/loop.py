@@ -153,14 +153,14 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     scheduler = build_scheduler(optimizer, t, total_steps)
     fill_deepspeed_batch(accelerator, recipe)  # before prepare: DeepSpeed reads it there
     model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is not prepared: a prepared one steps num_processes times per optimizer
-    # step. Registering it still saves and restores it with every checkpoint.
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not prepared (a prepared one steps num_processes times per optimizer
+    # step) nor registered for checkpointing (Accelerate would pickle it): checkpoints keep its
+    # state as JSON (train/checkpoint.py).
 
     state = TrainState()
     if resume_from is not None:
         state = load_checkpoint(
-            accelerator, resume_from, {"train": train_stream}, recipe.lora.enabled
+            accelerator, resume_from, {"train": train_stream}, scheduler, recipe.lora.enabled
         )
         log.info("resumed from %s at step %d", resume_from, state.step)
     shards_per_rank = gather_object([train_stream.shard_count])
@@ -327,6 +327,7 @@ def fit(run: Run) -> Stop | None:
                 step,
                 run.streams,
                 state,
+                scheduler,
                 t.keep_last,
                 recipe.lora.enabled,
             )
