@@ -38,8 +38,25 @@ class LaunchPlan:
     device: str | None = None  # "cuda" when the profile asks for GPUs, "cpu", or None: either
 
 
+RECIPE_KEY = re.compile(r"^([A-Za-z_]\w*)(\.\w+)+$")
+
+
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """Recipe overrides look like section.key=value; everything else goes to accelerate."""
+    """Recipe overrides look like section.key=value; everything else goes to accelerate.
+
+    `training.max_steps 3` (a space for the `=`) would reach accelerate as the script to run:
+    a bare `section.key` that is not an option's value is refused instead.
+    """
+    from raft_dist.config import Recipe
+
+    sections = set(Recipe.__dataclass_fields__)
+    for index, arg in enumerate(args):
+        key = RECIPE_KEY.match(arg)
+        after_option = index > 0 and args[index - 1].startswith("-") and "=" not in args[index - 1]
+        if key and key.group(1) in sections and not after_option:
+            raise ConfigError(
+                f"{arg}: a recipe override needs '=': write {arg}=VALUE (no spaces around '=')"
+            )
     overrides = [a for a in args if OVERRIDE.match(a)]
     accelerate_args = [a for a in args if not OVERRIDE.match(a)]
     return overrides, accelerate_args

@@ -87,3 +87,16 @@ def test_recipe_round_trips_through_yaml(tmp_path: Path) -> None:
     saved = tmp_path / "resolved.yaml"
     saved.write_text(recipe.to_yaml(), encoding="utf-8")
     assert load_recipe(saved) == recipe
+
+
+def test_duplicate_keys_and_invalid_utf8_name_the_line(tmp_path: Path) -> None:
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("training:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"dup\.yaml:4: invalid YAML: duplicate key 'lr' \(first on line 2\)"
+    ):
+        load_recipe(dup)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"training:\n  lr: 0.1\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:3: the recipe is not valid UTF-8"):
+        load_recipe(bad)

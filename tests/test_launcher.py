@@ -183,3 +183,11 @@ def test_dry_run_prints_recipe_and_command() -> None:
     assert "max_steps: 3" in result.stdout
     assert "ACCELERATE_USE_CPU=1" in result.stdout
     assert "--config_file" in result.stdout and "--main_process_port 29999" in result.stdout
+
+
+def test_an_override_without_equals_is_refused_not_launched() -> None:
+    with pytest.raises(ConfigError, match="training.max_steps: a recipe override needs '='"):
+        split_args(["training.max_steps", "3"])
+    # Option values that look dotted are not overrides: hosts, files.
+    overrides, rest = split_args(["--main_process_ip", "model.example.com", "training.lr=0.1"])
+    assert overrides == ["training.lr=0.1"] and rest == ["--main_process_ip", "model.example.com"]
