@@ -7,13 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, write_dataset, write_recipe
+from helpers import ROOT, run_cli, write_dataset, write_recipe
 from safetensors.torch import load_file
 
 from raft_dist.config import load_recipe
 from raft_dist.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
