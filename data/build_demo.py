@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
-"""Build the small RAFT demo data set in data/demo/ from data/demo_source/.
+"""Build the demo's hand-written RAFT data set in data/demo/ from data/demo_source/.
 
 Deterministic (random.Random(1234)), standard library only.  Run from anywhere:
 
     python data/build_demo.py
 
-Reads the 24 markdown documents and qa.json in data/demo_source/, turns every
-question/answer pair into one RAFT record (oracle document + distractors,
-chain-of-thought answer quoting the oracle), splits by source document into
-train (20 documents) and eval (4 documents), writes JSONL shards plus
-manifest.json atomically, re-reads and checks everything, and exits non-zero
-with a message if any check fails.
+Reads the markdown documents in data/demo_source/trained/ (20, the domain the demo
+fine-tunes on) and data/demo_source/unseen/ (4, never trained on) and the 120
+hand-written question/answer pairs in qa.json, turns every pair into one RAFT record
+(oracle document + distractors, chain-of-thought answer quoting the oracle) and
+writes three splits:
+
+  train   3 questions per trained document (60)
+  eval    the other 2 questions per trained document (40): held-out questions on
+          documents the model was trained on (RAFT's setting: known domain, new questions)
+  unseen  the 20 questions on the unseen documents: documents never trained on
+
+JSONL shards plus manifest.json are written atomically, re-read and checked
+(no held-out question and no unseen document in train); exits non-zero with a
+message if any check fails.
 """
 
 import hashlib
@@ -22,12 +30,13 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC_DIR = os.path.join(HERE, "demo_source")
+GROUPS = ("trained", "unseen")  # sub-folders of SRC_DIR
 OUT_DIR = os.path.join(HERE, "demo")
 
 SEED = 1234
 NUM_DISTRACTORS = 3
 P_ORACLE = 0.8
-NUM_EVAL_DOCS = 4
+HELD_OUT_PER_DOC = 2  # of the 5 questions per trained document
 TRAIN_SHARDS = 3
 GENERATOR_NAME = "data/build_demo.py"
 
@@ -96,12 +105,19 @@ def readable_slug(name):
 
 
 def load_documents():
-    names = sorted(n for n in os.listdir(SRC_DIR) if SLUG_RE.match(n))
+    """name -> {title, text, group}; group is the sub-folder (trained or unseen)."""
+    located = []
+    for group in GROUPS:
+        folder = os.path.join(SRC_DIR, group)
+        located += [(n, group) for n in sorted(os.listdir(folder)) if SLUG_RE.match(n)]
+    names = sorted(n for n, _ in located)
     if not names:
-        fail(f"no NN-slug.md documents found in {SRC_DIR}")
+        fail(f"no NN-slug.md documents found in {SRC_DIR}/{{{','.join(GROUPS)}}}")
+    if len(set(names)) != len(names):
+        fail("a document name is used in two groups")
     docs = {}
-    for name in names:
-        with open(os.path.join(SRC_DIR, name), encoding="utf-8") as f:
+    for name, group in located:
+        with open(os.path.join(SRC_DIR, group, name), encoding="utf-8") as f:
             lines = f.read().splitlines()
         title = None
         body = []
@@ -118,7 +134,7 @@ def load_documents():
         text = re.sub(r"\s+", " ", " ".join(body)).strip()
         if not text:
             fail(f"{name}: empty document body")
-        docs[name] = {"title": title or readable_slug(name), "text": text}
+        docs[name] = {"title": title or readable_slug(name), "text": text, "group": group}
     texts = [d["text"] for d in docs.values()]
     if len(set(texts)) != len(texts):
         fail("two source documents have identical text")
@@ -271,8 +287,10 @@ def check_record(rec, docs, where):
         fail(f"{where}: instruction does not match documents and question")
 
 
-def verify(manifest, docs, eval_doc_names):
-    eval_texts = {docs[n]["text"] for n in eval_doc_names}
+def verify(manifest, docs, held_out_questions):
+    """Every record is well formed, and the splits keep apart what the demo measures: no
+    held-out question and no unseen document (as oracle or distractor) in train."""
+    unseen_texts = {d["text"] for d in docs.values() if d["group"] == "unseen"}
     seen_ids = set()
     for split, info in manifest["splits"].items():
         count = 0
@@ -294,15 +312,21 @@ def verify(manifest, docs, eval_doc_names):
                     fail(f"{where}: duplicate id")
                 seen_ids.add(rec["id"])
                 check_record(rec, docs, where)
-                src = rec["meta"]["source"]
+                group = docs[rec["meta"]["source"]]["group"]
                 if split == "train":
-                    if src in eval_doc_names:
-                        fail(f"{where}: train record built from eval document {src}")
+                    if group != "trained":
+                        fail(f"{where}: train record about an unseen document")
                     used = {d["text"] for d in rec["documents"]} | {rec["oracle"]}
-                    if used & eval_texts:
-                        fail(f"{where}: an eval oracle document appears in a train record")
-                elif src not in eval_doc_names:
-                    fail(f"{where}: eval record built from train document {src}")
+                    if used & unseen_texts:
+                        fail(f"{where}: an unseen document appears in a train record")
+                    if rec["question"] in held_out_questions:
+                        fail(f"{where}: a held-out question is in train")
+                elif split == "eval" and (
+                    group != "trained" or rec["question"] not in held_out_questions
+                ):
+                    fail(f"{where}: eval must hold held-out questions on trained documents")
+                elif split == "unseen" and group != "unseen":
+                    fail(f"{where}: unseen record about a trained document")
                 count += 1
         if count != info["records"]:
             fail(f"split {split}: {count} records, manifest says {info['records']}")
@@ -315,22 +339,35 @@ def build():
     names, docs = load_documents()
     qa = load_qa(docs)
     rng = random.Random(SEED)
+    trained = [n for n in names if docs[n]["group"] == "trained"]
+    if len(trained) < NUM_DISTRACTORS + 2:
+        fail("not enough trained documents to draw distractors from")
 
-    eval_docs = sorted(rng.sample(names, NUM_EVAL_DOCS))
-    train_docs = [n for n in names if n not in eval_docs]
-    if len(train_docs) < NUM_DISTRACTORS + 2:
-        fail("not enough train documents to draw distractors from")
-
-    train, evals = [], []
+    by_doc = {}
     for item in qa:
-        if item["doc"] in eval_docs:
-            evals.append(make_record(rng, item, docs, names))
+        by_doc.setdefault(item["doc"], []).append(item)
+    held_out = set()
+    for name in trained:
+        questions = [item["question"] for item in by_doc.get(name, [])]
+        if len(questions) <= HELD_OUT_PER_DOC:
+            fail(f"{name}: needs more than {HELD_OUT_PER_DOC} questions in qa.json")
+        held_out.update(rng.sample(questions, HELD_OUT_PER_DOC))
+
+    splits = {"train": [], "eval": [], "unseen": []}
+    for item in qa:
+        if docs[item["doc"]]["group"] == "unseen":
+            # Distractors from every document: only the oracle must be new to the model.
+            splits["unseen"].append(make_record(rng, item, docs, names))
+        elif item["question"] in held_out:
+            splits["eval"].append(make_record(rng, item, docs, trained))
         else:
-            train.append(make_record(rng, item, docs, train_docs))
-    rng.shuffle(train)
-    rng.shuffle(evals)
-    for i, rec in enumerate(train + evals, 1):
-        rec["id"] = f"demo-{i:04d}"
+            splits["train"].append(make_record(rng, item, docs, trained))
+    number = 0
+    for records in splits.values():
+        rng.shuffle(records)
+        for rec in records:
+            number += 1
+            rec["id"] = f"demo-{number:04d}"
 
     manifest = {
         "format": "raft",
@@ -340,23 +377,28 @@ def build():
             "seed": SEED,
             "num_distractors": NUM_DISTRACTORS,
             "p_oracle": P_ORACLE,
+            "held_out_per_document": HELD_OUT_PER_DOC,
+            # Held-out questions share their documents with train questions by design.
+            "settings": {"split_by": "question"},
         },
         "splits": {
-            "train": write_split("train", train, shard_sizes(len(train), TRAIN_SHARDS)),
-            "eval": write_split("eval", evals, [len(evals)]),
+            "train": write_split(
+                "train", splits["train"], shard_sizes(len(splits["train"]), TRAIN_SHARDS)
+            ),
+            "eval": write_split("eval", splits["eval"], [len(splits["eval"])]),
+            "unseen": write_split("unseen", splits["unseen"], [len(splits["unseen"])]),
         },
     }
     data = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     atomic_write(os.path.join(OUT_DIR, "manifest.json"), data)
 
-    verify(manifest, docs, set(eval_docs))
-    missing = sum(1 for r in train + evals if r["oracle_index"] is None)
+    verify(manifest, docs, held_out)
+    counts = ", ".join(f"{split} {len(records)}" for split, records in splits.items())
+    missing = sum(1 for r in sum(splits.values(), []) if r["oracle_index"] is None)
+    unseen = sorted(n for n in names if docs[n]["group"] == "unseen")
     print(
-        f"wrote {OUT_DIR}: train {len(train)} records in "
-        f"{len(manifest['splits']['train']['shards'])} shards "
-        f"{[s['records'] for s in manifest['splits']['train']['shards']]}, "
-        f"eval {len(evals)} records; {missing} records without the oracle; "
-        f"eval documents: {', '.join(eval_docs)}"
+        f"wrote {OUT_DIR}: {counts} records; {missing} without the oracle; "
+        f"unseen documents: {', '.join(unseen)}"
     )
 
 

@@ -21,7 +21,7 @@ EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 def corpus() -> list[str]:
     texts = [
-        p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/demo_source").glob("*.md"))
+        p.read_text(encoding="utf-8") for p in sorted((ROOT / "data/demo_source").glob("*/*.md"))
     ]
     texts.append(
         INSTRUCTION

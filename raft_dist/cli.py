@@ -11,7 +11,10 @@ from pathlib import Path
 import click
 
 from raft_dist import __version__
+from raft_dist.cli_ask import ask
+from raft_dist.cli_eval import eval_command
 from raft_dist.cli_generate import convert, generate, validate
+from raft_dist.cli_pipeline import pipeline
 from raft_dist.errors import RaftDistError
 
 RECIPE_HELP = "Training recipe (YAML), e.g. configs/tiny.yaml."
@@ -192,6 +195,9 @@ def merge(base: str, adapter: str, out: str, dtype: str) -> None:
 cli.add_command(generate)
 cli.add_command(validate)
 cli.add_command(convert)
+cli.add_command(eval_command)
+cli.add_command(ask)
+cli.add_command(pipeline)
 
 
 def main(argv: list[str] | None = None) -> int:

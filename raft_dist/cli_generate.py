@@ -33,6 +33,136 @@ CONVERT_FORMATS = (
 )
 
 
+# Options shared by `generate` and `pipeline` (which generates as its first stage).
+_GENERATION_OPTIONS = [
+    click.option(
+        "--backend",
+        type=click.Choice(["template", "hf", "openai"]),
+        default="template",
+        show_default=True,
+        help="Question generator. template: offline and deterministic, questions from the "
+        "chunk's own sentences. hf: a local causal LM. openai: any OpenAI-compatible chat "
+        "completions server. Model answers without a final <ANSWER>: or with a quote that is not "
+        "verbatim in the chunk are dropped and counted.",
+    ),
+    click.option(
+        "--model",
+        default=None,
+        help="hf: model folder, hub id or builtin:smollm2 (default). openai: model name "
+        "(default: $RAFT_DIST_OPENAI_MODEL).",
+    ),
+    click.option(
+        "--max-new-tokens", type=int, default=None, help="hf/openai: reply length limit [512]."
+    ),
+    click.option(
+        "--temperature",
+        type=float,
+        default=None,
+        help="hf/openai: sampling temperature [0: greedy].",
+    ),
+    click.option("--device", default=None, help="hf: auto (default), cpu, cuda, cuda:N or mps."),
+    click.option(
+        "--base-url",
+        default=None,
+        help="openai: server URL ending before /chat/completions "
+        "(default: $OPENAI_BASE_URL, else https://api.openai.com/v1).",
+    ),
+    click.option("--api-key", default=None, help="openai: API key (default: $OPENAI_API_KEY)."),
+    click.option(
+        "--max-retries",
+        type=int,
+        default=None,
+        help="openai: retries on 429, 5xx and timeouts, with exponential backoff [5].",
+    ),
+    click.option("--concurrency", type=int, default=None, help="openai: requests at once [8]."),
+    click.option(
+        "--timeout", type=float, default=None, help="openai: seconds to wait for a reply [60]."
+    ),
+    click.option(
+        "--chunk-size",
+        type=int,
+        default=1200,
+        show_default=True,
+        help="Maximum chunk length in CHARACTERS (at least 100). Chunks end at sentence "
+        "boundaries; only a sentence longer than this is cut.",
+    ),
+    click.option(
+        "--chunk-overlap",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Sentences repeated from the end of the previous chunk.",
+    ),
+    click.option("--questions-per-chunk", type=int, default=3, show_default=True),
+    click.option(
+        "--distractors",
+        type=click.Choice(["random", "bm25"]),
+        default="random",
+        show_default=True,
+        help="random chunks, or the chunks most similar to the question by BM25.",
+    ),
+    click.option("--num-distractors", type=int, default=3, show_default=True),
+    click.option(
+        "--p-oracle",
+        type=float,
+        default=0.8,
+        show_default=True,
+        help="Probability that the oracle is among the documents; otherwise one more distractor "
+        "takes its place (oracle_index null).",
+    ),
+    click.option(
+        "--eval-fraction",
+        type=float,
+        default=0.1,
+        show_default=True,
+        help="Share of chunks (or questions, with --split-by question) held out for eval.",
+    ),
+    click.option(
+        "--split-by",
+        type=click.Choice(["chunk", "question"]),
+        default="chunk",
+        show_default=True,
+        help="chunk: no eval oracle appears anywhere in train. question: eval questions may share "
+        "chunks with train ones.",
+    ),
+    click.option(
+        "--shard-size", type=int, default=1000, show_default=True, help="Records per shard."
+    ),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
+
+
+def generation_options(command: Any) -> Any:
+    """Apply the generation options to a click command (in their --help order)."""
+    for option in reversed(_GENERATION_OPTIONS):
+        command = option(command)
+    return command
+
+
+def generation_settings(params: dict[str, Any]) -> tuple[Any, Any]:
+    """(GenerateOptions, backend) from the parsed generation options; pops them from `params`
+    so a caller keeps only its own."""
+    from raft_dist.generate.backends import make_backend
+    from raft_dist.generate.pipeline import GenerateOptions
+
+    backend = params.pop("backend")
+    options = GenerateOptions(
+        backend=backend,
+        chunk_size=params.pop("chunk_size"),
+        chunk_overlap=params.pop("chunk_overlap"),
+        questions_per_chunk=params.pop("questions_per_chunk"),
+        distractors=params.pop("distractors"),
+        num_distractors=params.pop("num_distractors"),
+        p_oracle=params.pop("p_oracle"),
+        eval_fraction=params.pop("eval_fraction"),
+        split_by=params.pop("split_by"),
+        shard_size=params.pop("shard_size"),
+        seed=params.pop("seed"),
+    )
+    model_options = {name: params.pop(name) for name in _MODEL_OPTIONS}
+    return options, make_backend(backend, **_backend_config(backend, model_options))
+
+
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @click.option(
@@ -41,116 +171,13 @@ CONVERT_FORMATS = (
     type=click.Path(file_okay=False),
     help="Output folder: manifest.json plus train/ and eval/ shards.",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["template", "hf", "openai"]),
-    default="template",
-    show_default=True,
-    help="Question generator. template: offline and deterministic, questions from the "
-    "chunk's own sentences. hf: a local causal LM. openai: any OpenAI-compatible chat "
-    "completions server. Model answers without a final <ANSWER>: or with a quote that is not "
-    "verbatim in the chunk are dropped and counted.",
-)
-@click.option(
-    "--model",
-    default=None,
-    help="hf: model folder, hub id or builtin:smollm2 (default). openai: model name "
-    "(default: $RAFT_DIST_OPENAI_MODEL).",
-)
-@click.option(
-    "--max-new-tokens", type=int, default=None, help="hf/openai: reply length limit [512]."
-)
-@click.option(
-    "--temperature", type=float, default=None, help="hf/openai: sampling temperature [0: greedy]."
-)
-@click.option("--device", default=None, help="hf: auto (default), cpu, cuda, cuda:N or mps.")
-@click.option(
-    "--base-url",
-    default=None,
-    help="openai: server URL ending before /chat/completions "
-    "(default: $OPENAI_BASE_URL, else https://api.openai.com/v1).",
-)
-@click.option("--api-key", default=None, help="openai: API key (default: $OPENAI_API_KEY).")
-@click.option(
-    "--max-retries",
-    type=int,
-    default=None,
-    help="openai: retries on 429, 5xx and timeouts, with exponential backoff [5].",
-)
-@click.option("--concurrency", type=int, default=None, help="openai: requests at once [8].")
-@click.option(
-    "--timeout", type=float, default=None, help="openai: seconds to wait for a reply [60]."
-)
-@click.option(
-    "--chunk-size",
-    type=int,
-    default=1200,
-    show_default=True,
-    help="Maximum chunk length in CHARACTERS (at least 100). Chunks end at sentence "
-    "boundaries; only a sentence longer than this is cut.",
-)
-@click.option(
-    "--chunk-overlap",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Sentences repeated from the end of the previous chunk.",
-)
-@click.option("--questions-per-chunk", type=int, default=3, show_default=True)
-@click.option(
-    "--distractors",
-    type=click.Choice(["random", "bm25"]),
-    default="random",
-    show_default=True,
-    help="random chunks, or the chunks most similar to the question by BM25.",
-)
-@click.option("--num-distractors", type=int, default=3, show_default=True)
-@click.option(
-    "--p-oracle",
-    type=float,
-    default=0.8,
-    show_default=True,
-    help="Probability that the oracle is among the documents; otherwise one more distractor "
-    "takes its place (oracle_index null).",
-)
-@click.option(
-    "--eval-fraction",
-    type=float,
-    default=0.1,
-    show_default=True,
-    help="Share of chunks (or questions, with --split-by question) held out for eval.",
-)
-@click.option(
-    "--split-by",
-    type=click.Choice(["chunk", "question"]),
-    default="chunk",
-    show_default=True,
-    help="chunk: no eval oracle appears anywhere in train. question: eval questions may share "
-    "chunks with train ones.",
-)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Records per shard.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@generation_options
 @click.option(
     "--overwrite", is_flag=True, help="Replace a data set in --out made with other settings."
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def generate(
-    sources: tuple[str, ...],
-    out: str,
-    backend: str,
-    chunk_size: int,
-    chunk_overlap: int,
-    questions_per_chunk: int,
-    distractors: str,
-    num_distractors: int,
-    p_oracle: float,
-    eval_fraction: float,
-    split_by: str,
-    shard_size: int,
-    seed: int,
-    overwrite: bool,
-    progress: bool,
-    **model_options: Any,
+    sources: tuple[str, ...], out: str, overwrite: bool, progress: bool, **params: Any
 ) -> None:
     """Build a RAFT data set from SOURCES (.txt, .md, .jsonl with a "text" field, or folders).
 
@@ -165,27 +192,11 @@ def generate(
       raft-dist generate docs/ --out data/api --backend openai \\
           --base-url http://localhost:8000/v1 --model my-model --concurrency 16
     """
-    from raft_dist.generate.backends import make_backend
-    from raft_dist.generate.pipeline import GenerateOptions
     from raft_dist.generate.pipeline import generate as run_generate
 
-    options = GenerateOptions(
-        backend=backend,
-        chunk_size=chunk_size,
-        chunk_overlap=chunk_overlap,
-        questions_per_chunk=questions_per_chunk,
-        distractors=distractors,  # type: ignore[arg-type]
-        num_distractors=num_distractors,
-        p_oracle=p_oracle,
-        eval_fraction=eval_fraction,
-        split_by=split_by,  # type: ignore[arg-type]
-        shard_size=shard_size,
-        seed=seed,
-    )
-    config = _backend_config(backend, model_options)
-    made = make_backend(backend, **config)
+    options, backend = generation_settings(params)
     result = run_generate(
-        sources, out, options, overwrite=overwrite, progress=progress, backend=made
+        sources, out, options, overwrite=overwrite, progress=progress, backend=backend
     )
     click.echo(result.summary())
 

@@ -26,6 +26,12 @@ class LengthStats:
         return {"examples": self.examples, "truncated": self.truncated, "dropped": self.dropped}
 
 
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Prompt token ids exactly as training sees them; evaluation and `ask` feed the model these
+    same ids, so a fine-tuned model is never asked in a layout it was not trained on."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
 def encode_example(
     tokenizer: Any,
     prompt: str,
@@ -40,7 +46,7 @@ def encode_example(
     Truncation cuts the answer's end. An example whose prompt alone fills max_len keeps no
     target token and is dropped under either policy (and counted).
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]

@@ -1,0 +1,1 @@
+"""Question-answering evaluation: metrics, eval sets, batched generation, reports."""

@@ -1,0 +1,128 @@
+"""Greedy generation for evaluation and `ask`: batched, left-padded, KV-cached.
+
+Prompts are tokenized by `encode_prompt`, the function training uses, and padded on the left
+by hand, so each row holds exactly the ids the model was trained on (a tokenizer's own batch
+padding may add or place special tokens differently). A row stops at EOS or at the end of its
+final-answer line: what follows `<ANSWER>: ...\\n` is never scored, and on CPU every extra
+token of every row costs time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from raft_dist.data.answers import ANSWER_TAG
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 8
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decoding": "greedy", **self.__dict__}
+
+
+def answer_line_done(text: str) -> bool:
+    """The final-answer line is complete: a tag, something after it, then a newline."""
+    index = text.rfind(ANSWER_TAG)
+    if index < 0:
+        return False
+    rest = text[index + len(ANSWER_TAG) :]
+    return "\n" in rest.lstrip(" \t") and bool(rest.split("\n", 1)[0].strip())
+
+
+def cut_after_answer(text: str) -> str:
+    """Drop what a model wrote after its final-answer line (it was stopped at that newline)."""
+    index = text.rfind(ANSWER_TAG)
+    if index < 0:
+        return text
+    end = text.find("\n", index)
+    return text if end < 0 else text[:end]
+
+
+def _stopper(tokenizer: Any, prompt_len: int) -> Any:
+    import torch
+    from transformers import StoppingCriteria
+
+    class AnswerLineComplete(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            new = input_ids[:, prompt_len:]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            return torch.tensor(
+                [answer_line_done(t) for t in texts], dtype=torch.bool, device=input_ids.device
+            )
+
+    return AnswerLineComplete()
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[list[int]],
+    max_new_tokens: int,
+    *,
+    streamer: Any = None,
+) -> list[str]:
+    """One batch of token-id prompts -> the decoded continuations (answer line cut clean)."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, pad_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            # Greedy: sampling knobs a model's generation_config may carry are cleared.
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            num_beams=1,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=[_stopper(tokenizer, ids.shape[1])],
+            streamer=streamer,
+            use_cache=True,
+        )
+    texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
+    return [cut_after_answer(t) for t in texts]
+
+
+def generate_all(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[list[int]],
+    settings: GenerationSettings,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Outputs in input order for prompts given as token ids (`encode_prompt`). Prompts are
+    batched by length, longest first, so a batch holds little padding and the first batch shows
+    at once whether memory suffices."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    outputs: list[str] = [""] * len(rows)
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        texts = generate_ids(model, tokenizer, [rows[i] for i in chunk], settings.max_new_tokens)
+        for i, text in zip(chunk, texts, strict=True):
+            outputs[i] = text
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return outputs
