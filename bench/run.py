@@ -1,6 +1,7 @@
 """Run every benchmark, print one table, keep the numbers and a plot in bench/results/.
 
     python bench/run.py [--pairs 5] [--steps 12] [--runs 7] [--out bench/results]
+        [--eval-model builtin:tiny-llama] [--eval-examples 16] [--eval-repeats 3] ...
 
 A benchmark is a name, a function that measures and returns a JSON-able dict, and a function that
 turns that dict into table rows (metric, value, target, verdict). Add new ones to BENCHMARKS.
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_startup  # noqa: E402
 import common  # noqa: E402
+import eval_bench  # noqa: E402
 import lora_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
@@ -79,6 +81,20 @@ BENCHMARKS = [
         zero_bench.report_rows,
     ),
     Benchmark("lora", lambda a: lora_bench.measure(log=common.progress), lora_bench.report_rows),
+    Benchmark(
+        "eval",
+        lambda a: eval_bench.measure(
+            a.eval_model,
+            a.eval_examples,
+            a.eval_new_tokens,
+            a.eval_repeats,
+            a.eval_batch_sizes,
+            a.eval_dtype,
+            a.eval_device,
+            log=common.progress,
+        ),
+        eval_bench.report_rows,
+    ),
 ]
 
 
@@ -130,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--zero-steps", type=int, default=zero_bench.DEFAULT_STEPS)
     parser.add_argument("--zero-rounds", type=int, default=zero_bench.DEFAULT_ROUNDS)
+    eval_bench.add_arguments(parser)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument(
         "--only", nargs="*", choices=[b.name for b in BENCHMARKS], help="run only these benchmarks"
@@ -161,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(throughput.report_lines(results["throughput"])))
     if "zero" in results:
         print("\n\n".join(zero_bench.report_lines(results["zero"])))
+    if "eval" in results:
+        print("\n".join(eval_bench.report_lines(results["eval"])))
     wall = time.perf_counter() - started
     env["load_avg_at_end"] = os.getloadavg()
     print()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from raft_dist.errors import ConfigError
+from raft_dist.evaluation.run import AUTO_BUDGET_EXTRA, AUTO_BUDGET_FACTOR, AUTO_BUDGET_MAX
 
 
 def parse_counts(text: str) -> tuple[int, ...]:
@@ -62,7 +63,8 @@ def parse_data(values: tuple[str, ...]) -> list[tuple[str, str]]:
     "--max-new-tokens",
     type=int,
     default=None,
-    help="Generation budget per answer [1.25 x the longest gold completion + 16, at most 512].",
+    help=f"Generation budget per answer [{AUTO_BUDGET_FACTOR} x the longest gold completion "
+    f"+ {AUTO_BUDGET_EXTRA}, at most {AUTO_BUDGET_MAX}].",
 )
 @click.option(
     "--batch-size", type=int, default=8, show_default=True, help="Prompts per generate call."

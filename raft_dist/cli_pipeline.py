@@ -110,11 +110,6 @@ def pipeline(
         backend=backend,
     )
     result = run_pipeline(options, echo=lambda text: click.echo(text, err=True))
-    report = result.get("markdown_report")
-    if report is not None:
-        from raft_dist.evaluation.report import render_markdown
-
-        click.echo(render_markdown(report))
     for kind, path in result.get("report", {}).items():
         click.echo(f"{kind:12} {path}")
     click.echo(f"{'run':12} {result['run']}")

@@ -78,7 +78,11 @@ def plan_launch(
     overrides: list[str],
     accelerate_args: list[str],
     environ: dict[str, str] | None = None,
+    entry: list[str] | None = None,
 ) -> LaunchPlan:
+    """The `accelerate launch` command and environment for a profile. `entry` replaces what
+    the ranks run (default: the training entry script with the recipe), e.g. `-m raft_dist.cli
+    eval ...` for an evaluation over the profile's processes."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     environ = dict(os.environ if environ is None else environ)
@@ -148,10 +152,7 @@ def plan_launch(
         str(profile_path),
         *ds_args,
         *accelerate_args,
-        str(entry_script()),
-        "--config",
-        recipe_path,
-        *overrides,
+        *(entry or [str(entry_script()), "--config", recipe_path, *overrides]),
     ]
     return LaunchPlan(
         command, env, num_processes, engine, stage, num_machines, machine_rank, device

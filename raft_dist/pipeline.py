@@ -14,9 +14,11 @@ whose settings changed is refused, naming what changed: its outputs would no lon
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ class Stages:
 
     def __init__(self, out: Path) -> None:
         self.folder = out / "stages"
+        self._started = time.perf_counter()
 
     def marker(self, name: str) -> Path:
         return self.folder / f"{name}.json"
@@ -74,9 +77,16 @@ class Stages:
             )
         return True
 
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
     def finish(self, name: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
+        """The marker, with the stage's wall time (this invocation's part of it)."""
+        seconds = round(time.perf_counter() - self._started, 1)
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.marker(name), {"settings": settings, "result": result})
+        write_json_atomic(
+            self.marker(name), {"settings": settings, "result": {**result, "seconds": seconds}}
+        )
 
     def result(self, name: str) -> dict[str, Any]:
         return json.loads(self.marker(name).read_text(encoding="utf-8"))["result"]
@@ -112,10 +122,7 @@ def model_under_test(recipe: Any, run_final: Path) -> tuple[str, str]:
 
 
 def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) -> dict:
-    from raft_dist.cli_eval import parse_data
     from raft_dist.config import load_recipe
-    from raft_dist.evaluation.models import ModelSpec
-    from raft_dist.evaluation.run import EvalOptions, run_eval
     from raft_dist.generate.pipeline import generate
     from raft_dist.rundir import RunDir
 
@@ -135,6 +142,7 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
         echo(f"[1/4] generate: done earlier ({data_dir})")
     else:
         echo(f"[1/4] generate -> {data_dir}")
+        stages.start()
         result = generate(
             options.sources, data_dir, gen_options, progress=options.progress, backend=backend
         )
@@ -149,6 +157,7 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
         if stages.done("mix", settings):
             echo(f"[2/4] mix: done earlier ({mix_dir})")
         else:
+            stages.start()
             records = mix_training_data(data_dir, options.train_extra, mix_dir, gen_options.seed)
             echo(f"[2/4] mix: {records} training records -> {mix_dir}")
             stages.finish("mix", settings, {"records": records})
@@ -185,6 +194,7 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
             *options.launch_args,
         ]
         echo(f"[3/4] train: {' '.join(command[2:])}")
+        stages.start()
         code = subprocess.call(command)
         if code != 0:
             error = RaftDistError(
@@ -194,7 +204,10 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
             error.exit_code = code  # 75 (stopped, resumable) passes through to the caller
             raise error
         if not final.is_dir():
-            raise RaftDistError(f"training finished without {final} (output.save_final_model?)")
+            raise RaftDistError(
+                f"training ended without {final}: it stopped early (training.stop_after_steps) "
+                "or output.save_final_model is false; run the same command again to continue"
+            )
         stages.finish("train", settings, {"final": str(final)})
 
     # ---- evaluate base vs fine-tuned on the held-out questions
@@ -213,23 +226,47 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
         echo(f"[4/4] eval: done earlier ({eval_dir})")
         return stages.result("eval")
     echo(f"[4/4] eval: {base} vs {tuned}")
-    report = run_eval(
-        EvalOptions(
-            models=[ModelSpec.parse(base), ModelSpec.parse(tuned)],
-            data=parse_data(tuple(f"{n}={p}" for n, p in eval_sets)),
-            out=eval_dir,
-            limit=options.eval_limit,
-            robustness_counts=options.robustness,
-            robustness_limit=options.robustness_limit,
-            progress=options.progress,
-        )
-    )
-    assert report is not None  # one process: always the main one
+    stages.start()
+    report = evaluate_stage(options, [base, tuned], eval_sets, eval_dir)
     result = {"report": report["files"], "run": str(run_dir)}
     stages.finish("eval", settings, result)
-    return {**result, "markdown_report": report}
+    return result
 
 
 def _split_counts(data_dir: Path) -> dict[str, int]:
     manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
     return {name: int(info["records"]) for name, info in manifest["splits"].items()}
+
+
+def evaluate_stage(
+    options: PipelineOptions, models: list[str], eval_sets: list[tuple[str, str]], out: Path
+) -> dict:
+    """`raft-dist eval` over the training profile's processes (each answers its own part of
+    the questions: on CPU, decoding gains more from two processes than from two threads), or
+    in this process for one process and for DeepSpeed profiles (eval loads whole models)."""
+    from raft_dist.launcher import plan_launch
+
+    args = [arg for model in models for arg in ("--model", model)]
+    args += [arg for name, spec in eval_sets for arg in ("--data", f"{name}={spec}")]
+    args += ["--out", str(out), "--robustness", ",".join(map(str, options.robustness)) or "off"]
+    if options.eval_limit is not None:
+        args += ["--limit", str(options.eval_limit)]
+    if options.robustness_limit is not None:
+        args += ["--robustness-limit", str(options.robustness_limit)]
+    if not options.progress:
+        args.append("--no-progress")
+    entry = ["-m", "raft_dist.cli", "eval", *args]
+    plan = plan_launch(options.profile, options.recipe, [], options.launch_args, entry=entry)
+    if plan.num_processes > 1 and plan.engine != "deepspeed":
+        echo_command = " ".join(plan.command[2:])
+        print(f"+ {echo_command}", file=sys.stderr, flush=True)
+        code = subprocess.call(plan.command, env={**os.environ, **plan.env})
+        if code != 0:
+            raise RaftDistError(f"evaluation exited with code {code} (see the messages above)")
+    else:
+        from raft_dist.cli import main as cli_main
+
+        code = cli_main(entry[2:])
+        if code != 0:
+            raise RaftDistError(f"evaluation exited with code {code} (see the messages above)")
+    return json.loads((out / "report.json").read_text(encoding="utf-8"))

@@ -56,14 +56,16 @@ def test_held_out_questions_and_unseen_documents_are_not_trained_on(tmp_path: Pa
     assert len(held_out) >= 40
     train = training_records(tmp_path)
     trained_questions = {normalize_answer(r["question"]) for r in train}
-    leaked = [i.question for i in held_out if normalize_answer(i.question or "") in trained_questions]
+    leaked = [
+        i.question for i in held_out if normalize_answer(i.question or "") in trained_questions
+    ]
     assert leaked == []
     # No sentence of an unseen document is in any training record (oracle or distractor).
     unseen_docs = sorted((ROOT / "data/demo_source/unseen").glob("*.md"))
     assert len(unseen_docs) == 4
-    train_text = " ".join(
-        d["text"] for r in train for d in r["documents"]
-    ) + " ".join(r["oracle"] for r in train)
+    train_text = " ".join(d["text"] for r in train for d in r["documents"]) + " ".join(
+        r["oracle"] for r in train
+    )
     for doc in unseen_docs:
         body = [line for line in doc.read_text().splitlines() if line and not line.startswith("#")]
         first_sentence = body[0].split(". ")[0]

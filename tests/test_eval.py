@@ -48,7 +48,9 @@ def test_eval_prompt_is_the_training_prompt(tmp_path: Path, tokenizer) -> None:
     write_dataset(tmp_path / "data", [3])
     item = load_eval_set(str(tmp_path / "data"))[0]
     settings = StreamSettings(max_seq_len=512, micro_batch_size=1, shuffle_shards=False, seed=0)
-    stream = RankStream(load_shards(str(tmp_path / "data")), tokenizer, settings, 0, 1)
+    stream = RankStream(
+        load_shards(str(tmp_path / "data")), tokenizer, settings, rank=0, world_size=1
+    )
     batch = stream.next_batch()
     prompt_len = int((batch["labels"][0] == IGNORE_INDEX).sum())
     trained = batch["input_ids"][0][:prompt_len].tolist()

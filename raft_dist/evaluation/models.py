@@ -62,16 +62,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.endswith("/")
 
 
-def has_native_bf16() -> bool:
-    """CPUs with AVX512-BF16 or AMX run bf16 matmuls natively (about 2x fp32 here); elsewhere
-    bf16 is emulated and far slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_device(requested: str = "auto") -> str:
     import torch
 
@@ -94,7 +84,10 @@ def pick_dtype(requested: str, device: str) -> str:
 
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device == "cpu" and has_native_bf16():
+    from raft_dist.train.cpu import cpu_has_native_bf16
+
+    # Where the CPU cannot be inspected, fp32: emulated bf16 is ~10x slower.
+    if device == "cpu" and cpu_has_native_bf16(unknown=False):
         return "bfloat16"
     return "float32"
 

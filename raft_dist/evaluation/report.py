@@ -169,17 +169,18 @@ def plot_robustness(report: dict, path: Path) -> bool:
 
 
 def write_report(report: dict, predictions: list[dict], out: Path) -> dict[str, Path]:
+    """Every file of the report; report.json (written last) lists them under "files"."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / REPORT_JSON,
         "markdown": out / REPORT_MD,
         "predictions": out / PREDICTIONS,
     }
-    write_json_atomic(paths["json"], report)
-    write_atomic(paths["markdown"], render_markdown(report).encode("utf-8"))
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
-    write_atomic(paths["predictions"], lines.encode("utf-8"))
     if plot_robustness(report, out / PLOT):
         paths["plot"] = out / PLOT
     report["files"] = {k: str(v) for k, v in paths.items()}
+    write_atomic(paths["markdown"], render_markdown(report).encode("utf-8"))
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+    write_atomic(paths["predictions"], lines.encode("utf-8"))
+    write_json_atomic(paths["json"], report)
     return paths

@@ -36,7 +36,7 @@ from raft_dist.evaluation.models import (
 
 # Generation budget when --max-new-tokens is not given: the longest gold completion with room to
 # spare (a model that rambles is cut there, which costs it nothing it could have scored).
-AUTO_BUDGET_FACTOR, AUTO_BUDGET_EXTRA, AUTO_BUDGET_MAX = 1.25, 16, 512
+AUTO_BUDGET_FACTOR, AUTO_BUDGET_EXTRA, AUTO_BUDGET_MAX = 1.5, 16, 512
 
 
 @dataclass
@@ -87,7 +87,17 @@ def setup_ranks() -> Ranks:
         )
     from accelerate import PartialState
 
-    state = PartialState()
+    from raft_dist.train.cpu import on_cpu
+
+    # On CPU the process group must be gloo: without it Accelerate quietly runs every rank
+    # as a world of one, and each rank would evaluate (and report) the whole set alone.
+    state = PartialState(backend="gloo") if on_cpu() else PartialState()
+    launched = int(os.environ["WORLD_SIZE"])
+    if state.num_processes != launched:
+        raise ConfigError(
+            f"the launch started {launched} processes but the process group has "
+            f"{state.num_processes}; refusing to evaluate with ranks that do not see each other"
+        )
     return Ranks(index=state.process_index, world=state.num_processes, state=state)
 
 
@@ -246,11 +256,21 @@ def score_set(eval_set: EvalSet, s_index: int, answers: dict) -> tuple[dict, lis
 
 def run_eval(options: EvalOptions) -> dict[str, Any] | None:
     """Returns the report on the main process (None on the others)."""
-    from raft_dist.evaluation.report import write_report
-
     if not options.models:
         raise ConfigError("give at least one --model")
     ranks = setup_ranks()
+    try:
+        return _evaluate_all(options, ranks)
+    finally:
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _evaluate_all(options: EvalOptions, ranks: Ranks) -> dict[str, Any] | None:
+    from raft_dist.evaluation.report import write_report
+
     sets = load_sets(options)
     device = str(ranks.state.device) if ranks.state is not None else pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)

@@ -13,13 +13,14 @@ def on_cpu() -> bool:
     return env_flag("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 autocast is emulated and ~10x slower."""
+def cpu_has_native_bf16(unknown: bool = True) -> bool:
+    """AVX512-BF16 or AMX: without them CPU bf16 autocast is emulated and ~10x slower.
+    `unknown` is the answer where /proc/cpuinfo does not exist (not Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             flags = handle.read()
     except OSError:
-        return True  # not Linux: do not guess
+        return unknown
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
