@@ -257,7 +257,7 @@ def evaluate_stage(
         args.append("--no-progress")
     entry = ["-m", "raft_dist.cli", "eval", *args]
     plan = plan_launch(options.profile, options.recipe, [], options.launch_args, entry=entry)
-    if plan.num_processes > 1 and plan.engine != "deepspeed":
+    if plan.world_size > 1 and plan.engine != "deepspeed":
         echo_command = " ".join(plan.command[2:])
         print(f"+ {echo_command}", file=sys.stderr, flush=True)
         code = subprocess.call(plan.command, env={**os.environ, **plan.env})

@@ -15,15 +15,26 @@ ANSWER_TAG = "<ANSWER>:"
 _QUOTE_RE = re.compile(re.escape(BEGIN_QUOTE) + r"(.*?)" + re.escape(END_QUOTE), re.DOTALL)
 
 
+def cut_after_final_answer(text: str) -> str:
+    """The text up to the end of the final-answer line (all of it without a tag): what a model
+    writes after that line is not part of its answer."""
+    index = text.rfind(ANSWER_TAG)
+    if index < 0:
+        return text
+    end = text.find("\n", index)
+    return text if end < 0 else text[:end]
+
+
 def extract_final_answer(text: str) -> str | None:
-    """The final answer after the last tag, so earlier tags inside the reasoning are ignored.
+    """The final answer: after the last tag, to the end of that line, so earlier tags inside
+    the reasoning and later rambling are ignored. None without a tag.
 
     Apply this to the completion only: the prompt's instruction itself mentions the tag.
     """
     index = text.rfind(ANSWER_TAG)
     if index < 0:
         return None
-    return text[index + len(ANSWER_TAG) :].strip()
+    return cut_after_final_answer(text)[index + len(ANSWER_TAG) :].strip()
 
 
 def extract_quotes(text: str) -> list[str]:

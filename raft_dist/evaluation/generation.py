@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from raft_dist.data.answers import ANSWER_TAG
+from raft_dist.data.answers import cut_after_final_answer, extract_final_answer
 
 
 @dataclass(frozen=True)
@@ -26,21 +26,8 @@ class GenerationSettings:
 
 
 def answer_line_done(text: str) -> bool:
-    """The final-answer line is complete: a tag, something after it, then a newline."""
-    index = text.rfind(ANSWER_TAG)
-    if index < 0:
-        return False
-    rest = text[index + len(ANSWER_TAG) :]
-    return "\n" in rest.lstrip(" \t") and bool(rest.split("\n", 1)[0].strip())
-
-
-def cut_after_answer(text: str) -> str:
-    """Drop what a model wrote after its final-answer line (it was stopped at that newline)."""
-    index = text.rfind(ANSWER_TAG)
-    if index < 0:
-        return text
-    end = text.find("\n", index)
-    return text if end < 0 else text[:end]
+    """The final-answer line is complete: a tag, an answer after it, then a newline."""
+    return bool(extract_final_answer(text)) and cut_after_final_answer(text) != text
 
 
 def _stopper(tokenizer: Any, prompt_len: int) -> Any:
@@ -102,7 +89,7 @@ def generate_ids(
             use_cache=True,
         )
     texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
-    return [cut_after_answer(t) for t in texts]
+    return [cut_after_final_answer(t) for t in texts]
 
 
 def generate_all(

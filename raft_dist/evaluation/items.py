@@ -59,8 +59,7 @@ def eval_files(spec: str) -> list[Path]:
 def item_from_record(record: RaftRecord | Example, where: str) -> EvalItem:
     example = to_example(record)
     if isinstance(record, RaftRecord):
-        answer = extract_final_answer(record.cot_answer)
-        gold_line = answer.splitlines()[0].strip() if answer else ""
+        gold_line = extract_final_answer(record.cot_answer) or ""
         return EvalItem(
             id=record.id,
             where=where,
@@ -72,8 +71,7 @@ def item_from_record(record: RaftRecord | Example, where: str) -> EvalItem:
             documents=record.documents,
             oracle_index=record.oracle_index,
         )
-    answer = extract_final_answer(example.completion)
-    gold_line = answer.splitlines()[0].strip() if answer else ""
+    gold_line = extract_final_answer(example.completion) or ""
     return EvalItem(
         id=example.id,
         where=where,

@@ -13,7 +13,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from raft_dist.data.answers import ANSWER_TAG, BEGIN_QUOTE, END_QUOTE, extract_quotes
+from raft_dist.data.answers import (
+    ANSWER_TAG,
+    BEGIN_QUOTE,
+    END_QUOTE,
+    extract_final_answer,
+    extract_quotes,
+)
 
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
@@ -41,11 +47,7 @@ def answer_tokens(text: str) -> list[str]:
 def final_answer(output: str) -> str:
     """The answer line after the last tag; the reasoning may mention the tag earlier, and text
     on later lines is not part of the answer. Empty when the tag is missing."""
-    index = output.rfind(ANSWER_TAG)
-    if index < 0:
-        return ""
-    rest = output[index + len(ANSWER_TAG) :]
-    return rest.split("\n", 1)[0].strip()
+    return extract_final_answer(output) or ""
 
 
 def follows_format(output: str) -> bool:

@@ -84,7 +84,7 @@ def pick_dtype(requested: str, device: str) -> str:
 
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    from raft_dist.train.cpu import cpu_has_native_bf16
+    from raft_dist.cpu import cpu_has_native_bf16
 
     # Where the CPU cannot be inspected, fp32: emulated bf16 is ~10x slower.
     if device == "cpu" and cpu_has_native_bf16(unknown=False):

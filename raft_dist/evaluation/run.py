@@ -87,7 +87,7 @@ def setup_ranks() -> Ranks:
         )
     from accelerate import PartialState
 
-    from raft_dist.train.cpu import on_cpu
+    from raft_dist.cpu import on_cpu
 
     # On CPU the process group must be gloo: without it Accelerate quietly runs every rank
     # as a world of one, and each rank would evaluate (and report) the whole set alone.

@@ -20,6 +20,7 @@ from raft_dist.data.answers import (
     ANSWER_TAG,
     BEGIN_QUOTE,
     END_QUOTE,
+    cut_after_final_answer,
     extract_final_answer,
     extract_quotes,
 )
@@ -270,11 +271,9 @@ def check_answer(question: str, reply: str, oracle: str) -> QA | str:
     question = question.strip()
     if not question:
         return "empty_question"
-    tag = reply.rfind(ANSWER_TAG)
-    if tag < 0:
+    if ANSWER_TAG not in reply:
         return "no_answer"
-    end = reply.find("\n", tag)
-    cot = (reply if end < 0 else reply[:end]).strip()
+    cot = cut_after_final_answer(reply).strip()
     answer = extract_final_answer(cot)
     if not answer:
         return "no_answer"

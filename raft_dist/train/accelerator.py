@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from raft_dist.config import Recipe
+from raft_dist.cpu import on_cpu
 from raft_dist.errors import ConfigError
-from raft_dist.train.cpu import on_cpu
 from raft_dist.train.deepspeed import announce_op_compilation, deepspeed_plugin, using_deepspeed
 
 

@@ -90,6 +90,7 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
 
     from raft_dist.adapters import build_training_model, check_combination
     from raft_dist.contract import Contract
+    from raft_dist.cpu import cpu_warnings
     from raft_dist.data.check import checked_data_for_run
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
@@ -99,7 +100,6 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
         register_adapter_checkpointing,
         resolve_resume,
     )
-    from raft_dist.train.cpu import cpu_warnings
     from raft_dist.train.deepspeed import fill_deepspeed_batch, model_init_context
     from raft_dist.train.metrics import MetricsLog, configure_logging
     from raft_dist.train.optim import build_optimizer
