@@ -41,6 +41,7 @@ class PipelineOptions:
     train_extra: list[str] = field(default_factory=list)
     eval_data: list[tuple[str, str]] = field(default_factory=list)  # (name, spec)
     eval_limit: int | None = None
+    eval_batch_size: int = 8
     robustness: tuple[int, ...] = (0, 1, 2, 4, 8)
     robustness_limit: int | None = None
     launch_args: list[str] = field(default_factory=list)
@@ -219,12 +220,13 @@ def run_pipeline(options: PipelineOptions, echo: Callable[[str], None] = print) 
         "models": [base, tuned],
         "data": eval_sets,
         "limit": options.eval_limit,
+        "batch_size": options.eval_batch_size,
         "robustness": list(options.robustness),
         "robustness_limit": options.robustness_limit,
     }
     if stages.done("eval", settings):
         echo(f"[4/4] eval: done earlier ({eval_dir})")
-        return stages.result("eval")
+        return {**stages.result("eval"), "earlier": True}
     echo(f"[4/4] eval: {base} vs {tuned}")
     stages.start()
     report = evaluate_stage(options, [base, tuned], eval_sets, eval_dir)
@@ -249,6 +251,7 @@ def evaluate_stage(
     args = [arg for model in models for arg in ("--model", model)]
     args += [arg for name, spec in eval_sets for arg in ("--data", f"{name}={spec}")]
     args += ["--out", str(out), "--robustness", ",".join(map(str, options.robustness)) or "off"]
+    args += ["--batch-size", str(options.eval_batch_size)]
     if options.eval_limit is not None:
         args += ["--limit", str(options.eval_limit)]
     if options.robustness_limit is not None:

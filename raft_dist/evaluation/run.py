@@ -158,9 +158,11 @@ def _answer_part(
         )
     local = [(keys[i], text, ranks.index) for i, text in zip(mine, outputs, strict=True)]
     if ranks.world > 1:
-        from accelerate.utils import gather_object
+        from raft_dist.distributed import gather_lists
 
-        local = gather_object(local)
+        local = gather_lists(local)
+        if len(local) != len(rows):  # every prompt answered exactly once, by some rank
+            raise RuntimeError(f"gathered {len(local)} answers for {len(rows)} prompts")
     answers: dict[tuple[int, int], tuple[str, int]] = {}
     for key, text, rank in local:
         if key in answers:
