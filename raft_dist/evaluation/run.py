@@ -36,7 +36,7 @@ from raft_dist.evaluation.models import (
 
 # Generation budget when --max-new-tokens is not given: the longest gold completion with room to
 # spare (a model that rambles is cut there, which costs it nothing it could have scored).
-AUTO_BUDGET_FACTOR, AUTO_BUDGET_EXTRA, AUTO_BUDGET_MAX = 1.5, 16, 512
+AUTO_BUDGET_FACTOR, AUTO_BUDGET_EXTRA, AUTO_BUDGET_MAX = 1.25, 16, 512
 
 
 @dataclass
