@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from raft_dist.cli_eval import device_option, dtype_option
 from raft_dist.errors import ConfigError
 
 
@@ -38,14 +39,8 @@ from raft_dist.errors import ConfigError
     help="Chunk length in characters, as in `generate` (use the value the data was made with).",
 )
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bfloat16 on GPUs and on CPUs with native bf16, else float32.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@dtype_option
+@device_option
 @click.option(
     "--stream/--no-stream", default=True, show_default=True, help="Print tokens as they come."
 )

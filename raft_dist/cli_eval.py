@@ -5,7 +5,34 @@ from __future__ import annotations
 import click
 
 from raft_dist.errors import ConfigError
+from raft_dist.evaluation.items import ROBUSTNESS_COUNTS
+from raft_dist.evaluation.models import DTYPES
 from raft_dist.evaluation.run import AUTO_BUDGET_EXTRA, AUTO_BUDGET_FACTOR, AUTO_BUDGET_MAX
+
+# Options `ask` and `pipeline` share with `eval` (one definition, one help text).
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
+    help="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+)
+robustness_option = click.option(
+    "--robustness",
+    default=",".join(map(str, ROBUSTNESS_COUNTS)),
+    show_default=True,
+    help="Distractor counts for the robustness curve (oracle + k distractors re-sampled from "
+    "the set's own documents), or 'off'.",
+)
+robustness_limit_option = click.option(
+    "--robustness-limit",
+    type=int,
+    default=None,
+    help="Pose the robustness variants for a seeded sample of N questions per set [all].",
+)
 
 
 def parse_counts(text: str) -> tuple[int, ...]:
@@ -72,30 +99,13 @@ def parse_data(values: tuple[str, ...]) -> list[tuple[str, str]]:
 @click.option(
     "--limit", type=int, default=None, help="Evaluate only the first N questions of each set."
 )
-@click.option(
-    "--robustness",
-    default="0,1,2,4,8",
-    show_default=True,
-    help="Distractor counts for the robustness curve (oracle + k distractors re-sampled from "
-    "the set's own documents), or 'off'.",
-)
-@click.option(
-    "--robustness-limit",
-    type=int,
-    default=None,
-    help="Pose the robustness variants for a seeded sample of N questions per set [all].",
-)
+@robustness_option
+@robustness_limit_option
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seeds the distractor re-sampling."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-    default="auto",
-    show_default=True,
-    help="auto: bfloat16 on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else float32.",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@dtype_option
+@device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def eval_command(
     models: tuple[str, ...],

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from raft_dist.cli_eval import robustness_limit_option, robustness_option
 from raft_dist.cli_generate import generation_options
 
 
@@ -46,18 +47,8 @@ from raft_dist.cli_generate import generation_options
     show_default=True,
     help="Prompts per generate call in eval; on CPU larger batches save decoding steps.",
 )
-@click.option(
-    "--robustness",
-    default="0,1,2,4,8",
-    show_default=True,
-    help="Distractor counts for the robustness curve, or 'off'.",
-)
-@click.option(
-    "--robustness-limit",
-    type=int,
-    default=None,
-    help="Robustness variants for a seeded sample of N questions per set [all].",
-)
+@robustness_option
+@robustness_limit_option
 @click.option(
     "--launch-arg",
     "launch_args",

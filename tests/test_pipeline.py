@@ -29,7 +29,7 @@ def test_pipeline_stages_skip_resume_and_refuse_changes(tmp_path: Path) -> None:
     command = [
         "pipeline", str(corpus), "--config", str(recipe), "--out", str(out),
         "--train-extra", str(tmp_path / "extra" / "train"),
-        "--questions-per-chunk", "2", "--eval-fraction", "0.34",
+        "--questions-per-chunk", "2", "--eval-fraction", "0.34", "--num-distractors", "1",
         "--robustness", "0,1", "--no-progress",
     ]  # fmt: skip
 

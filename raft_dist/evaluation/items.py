@@ -58,21 +58,8 @@ def eval_files(spec: str) -> list[Path]:
 
 def item_from_record(record: RaftRecord | Example, where: str) -> EvalItem:
     example = to_example(record)
-    if isinstance(record, RaftRecord):
-        gold_line = extract_final_answer(record.cot_answer) or ""
-        return EvalItem(
-            id=record.id,
-            where=where,
-            prompt=example.prompt,
-            gold=gold_line or record.cot_answer.strip(),
-            answer_only=bool(gold_line),
-            completion=record.cot_answer,
-            question=record.question,
-            documents=record.documents,
-            oracle_index=record.oracle_index,
-        )
     gold_line = extract_final_answer(example.completion) or ""
-    return EvalItem(
+    item = EvalItem(
         id=example.id,
         where=where,
         prompt=example.prompt,
@@ -80,6 +67,14 @@ def item_from_record(record: RaftRecord | Example, where: str) -> EvalItem:
         answer_only=bool(gold_line),
         completion=example.completion,
     )
+    if isinstance(record, RaftRecord):
+        return replace(
+            item,
+            question=record.question,
+            documents=record.documents,
+            oracle_index=record.oracle_index,
+        )
+    return item
 
 
 def load_eval_set(spec: str, limit: int | None = None) -> list[EvalItem]:

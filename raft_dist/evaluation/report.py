@@ -154,7 +154,7 @@ def plot_robustness(report: dict, path: Path) -> bool:
             curve = entry["sets"][set_info["name"]]["robustness"]
             ks = sorted(int(k) for k in curve)
             ax.plot(ks, [curve[str(k)]["em"] or 0.0 for k in ks], marker="o", label=entry["model"])
-        ax.set_title(set_info["name"])
+        ax.set_title(f"{set_info['name']} ({set_info['robustness_questions']} questions per point)")
         ax.set_xlabel("distractors next to the oracle")
         ax.set_ylabel("exact match")
         ax.set_ylim(-0.02, 1.02)
