@@ -30,10 +30,11 @@ from typing import Any
 
 import common
 
+from raft_dist.pipeline import STAGES
+
 DEFAULT_MODEL = "builtin:tiny-llama"
 EVAL_DATA = common.ROOT / "data" / "demo"
 DEMO_STAGES = common.ROOT / "runs" / "demo" / "stages"
-STAGES = ("generate", "mix", "train", "eval")
 DEMO_NOTE = "run make demo first (the demo pipeline, --out runs/demo)"
 DEFAULT_BATCH_SIZES = (1, 8, 16)
 DEFAULT_REPEATS = 3
@@ -209,7 +210,8 @@ def measure(
 
     from raft_dist.data.tokenize import encode_prompt
     from raft_dist.evaluation.items import load_eval_set
-    from raft_dist.evaluation.models import ModelCache, ModelSpec, pick_device, pick_dtype
+    from raft_dist.evaluation.models import ModelCache, ModelSpec, pick_dtype
+    from raft_dist.model import pick_device
 
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)

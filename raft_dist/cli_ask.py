@@ -67,7 +67,8 @@ def ask(
       raft-dist ask --model runs/full/final --doc notes.md
     """
     from raft_dist.ask import answer_question, describe, interactive, library_from
-    from raft_dist.evaluation.models import ModelCache, ModelSpec, pick_device, pick_dtype
+    from raft_dist.evaluation.models import ModelCache, ModelSpec, pick_dtype
+    from raft_dist.model import pick_device
 
     if top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {top_k}")

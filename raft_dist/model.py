@@ -62,6 +62,19 @@ def enable_gradient_checkpointing(model: Any) -> None:
     model.config.use_cache = False
 
 
+def pick_device(requested: str = "auto") -> str:
+    """auto: the first of cuda, mps, cpu that this machine has; anything else as given."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 BUNDLED_PRETRAINED = "smollm2"
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 from raft_dist.atomic import swap_in_dir, temp_dir_for, write_json_atomic
 from raft_dist.errors import ConfigError, RaftDistError
+from raft_dist.evaluation.items import ROBUSTNESS_COUNTS
 
-STAGES = ("generate", "mix", "train", "eval")
+STAGES = ("generate", "mix", "train", "eval")  # in order; each leaves stages/NAME.json
 MIX_SHARDS = 4  # enough for up to 4 ranks to read whole shards of similar size
 
 
@@ -42,7 +43,7 @@ class PipelineOptions:
     eval_data: list[tuple[str, str]] = field(default_factory=list)  # (name, spec)
     eval_limit: int | None = None
     eval_batch_size: int = 8
-    robustness: tuple[int, ...] = (0, 1, 2, 4, 8)
+    robustness: tuple[int, ...] = ROBUSTNESS_COUNTS
     robustness_limit: int | None = None
     launch_args: list[str] = field(default_factory=list)
     progress: bool = True
@@ -64,12 +65,11 @@ class Stages:
         path = self.marker(name)
         if not path.is_file():
             return False
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
-        if recorded != json.loads(json.dumps(settings)):
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("settings") or {}
+        wanted = json.loads(json.dumps(settings))  # as the marker stores it (tuples -> lists)
+        if recorded != wanted:
             changed = sorted(
-                key
-                for key in set(recorded or {}) | set(settings)
-                if (recorded or {}).get(key) != json.loads(json.dumps(settings.get(key)))
+                k for k in set(recorded) | set(wanted) if recorded.get(k) != wanted.get(k)
             )
             raise ConfigError(
                 f"stage {name} in {path.parent.parent} finished with other settings "
@@ -261,15 +261,12 @@ def evaluate_stage(
     entry = ["-m", "raft_dist.cli", "eval", *args]
     plan = plan_launch(options.profile, options.recipe, [], options.launch_args, entry=entry)
     if plan.world_size > 1 and plan.engine != "deepspeed":
-        echo_command = " ".join(plan.command[2:])
-        print(f"+ {echo_command}", file=sys.stderr, flush=True)
+        print(f"+ {' '.join(plan.command[2:])}", file=sys.stderr, flush=True)
         code = subprocess.call(plan.command, env={**os.environ, **plan.env})
-        if code != 0:
-            raise RaftDistError(f"evaluation exited with code {code} (see the messages above)")
     else:
         from raft_dist.cli import main as cli_main
 
         code = cli_main(entry[2:])
-        if code != 0:
-            raise RaftDistError(f"evaluation exited with code {code} (see the messages above)")
+    if code != 0:
+        raise RaftDistError(f"evaluation exited with code {code} (see the messages above)")
     return json.loads((out / "report.json").read_text(encoding="utf-8"))

@@ -212,11 +212,22 @@ def test_eval_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
         (["--model", f"{TINY}+{other_base}", "--data", str(good)], "does not fit the base"),
         (["--model", f"{TINY}+{tmp_path}", "--data", str(good)], "holds no adapter_config.json"),
     ]
+    cases += [
+        (["--model", TINY, "--data", str(good), "--data", str(good)], "is used twice"),
+        (["--model", TINY, "--data", str(good), "--robustness", "1,x"], "--robustness 1,x"),
+        (["--model", TINY, "--data", str(good), "--batch-size", "0"], "--batch-size must be"),
+    ]
     for args, expected in cases:
         result = run_cli("eval", *args, "--out", str(tmp_path / "r"), "--no-progress")
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert expected in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+    # A ZeRO-3 launch is refused before any process group or model is set up.
+    env = offline_env(WORLD_SIZE="2", ACCELERATE_DEEPSPEED_ZERO_STAGE="3")
+    result = run_cli(
+        "eval", "--model", TINY, "--data", str(good), "--out", str(tmp_path / "r"), env=env
+    )
+    assert result.returncode == 2 and "eval under ZeRO-3 is refused" in result.stderr
 
 
 def _write_adapter_for_gpt2(folder: Path) -> None:

@@ -10,7 +10,7 @@ token of every row costs time.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from raft_dist.data.answers import cut_after_final_answer, extract_final_answer
@@ -22,7 +22,7 @@ class GenerationSettings:
     batch_size: int = 8
 
     def as_dict(self) -> dict[str, Any]:
-        return {"decoding": "greedy", **self.__dict__}
+        return {"decoding": "greedy", **asdict(self)}
 
 
 def answer_line_done(text: str) -> bool:

@@ -114,8 +114,8 @@ def robustness_items(
     """
     eligible = [item for item in items if item.oracle_index is not None and item.answer_only]
     if limit is not None and len(eligible) > limit:
-        eligible = random.Random(seed).sample(eligible, limit)
-        eligible.sort(key=lambda item: items.index(item))
+        keep = sorted(random.Random(seed).sample(range(len(eligible)), limit))
+        eligible = [eligible[i] for i in keep]  # the sample, in set order
     pool: dict[str, Document] = {}
     for item in items:
         for doc in item.documents:

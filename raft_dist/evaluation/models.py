@@ -62,18 +62,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") >= 2 or name.endswith("/")
 
 
-def pick_device(requested: str = "auto") -> str:
-    import torch
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def pick_dtype(requested: str, device: str) -> str:
     """auto: bf16 where the hardware runs it natively, fp32 elsewhere."""
     if requested not in DTYPES:

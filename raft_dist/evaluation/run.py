@@ -30,9 +30,9 @@ from raft_dist.evaluation.models import (
     ModelCache,
     ModelSpec,
     context_length,
-    pick_device,
     pick_dtype,
 )
+from raft_dist.model import pick_device
 
 # Generation budget when --max-new-tokens is not given: the longest gold completion with room to
 # spare (a model that rambles is cut there, which costs it nothing it could have scored).

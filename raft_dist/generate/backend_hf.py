@@ -89,16 +89,9 @@ class HfBackend:
         import torch
 
         from raft_dist.config import ModelConfig
-        from raft_dist.model import load_model, load_tokenizer
+        from raft_dist.model import load_model, load_tokenizer, pick_device
 
-        device = self.device_name
-        if device == "auto":
-            if torch.cuda.is_available():
-                device = "cuda"
-            elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-                device = "mps"
-            else:
-                device = "cpu"
+        device = pick_device(self.device_name)
         dtype = "float32"
         if device.startswith("cuda") and torch.cuda.is_bf16_supported():
             dtype = "bfloat16"
