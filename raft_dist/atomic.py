@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from raft_dist.errors import SaveError
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -45,3 +47,42 @@ def swap_in_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def save_failure(
+    what: str, target: Path, exc: BaseException, needed: int | None = None
+) -> SaveError | None:
+    """The one-line error for a failed save, or None when `exc` is not about the disk.
+
+    Writers report a full disk differently: OSError(ENOSPC); torch.save a RuntimeError ("...
+    iostream error") without an errno, which counts as disk-full when the filesystem has less
+    room left than was needed; safetensors its own error type carrying the OS message."""
+    import errno
+
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    full = (
+        getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        # safetensors' Rust writer: SafetensorError("... No space left on device (os error 28)")
+        or "No space left on device" in str(exc)
+        or (isinstance(exc, RuntimeError) and free < max(needed or 0, 1 << 20))
+    )
+    if full:
+        need = f"needed about {_mib(needed)}, " if needed else ""
+        return SaveError(
+            f"{what} {target}: no space left on the device of {probe} ({need}{_mib(free)} free)"
+        )
+    if isinstance(exc, OSError):
+        name = f" ({exc.filename})" if exc.filename else ""
+        return SaveError(f"{what} {target}: {exc.strerror or exc}{name}")
+    return None
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"

@@ -21,6 +21,7 @@ _MODEL_OPTIONS = {
     "max_retries": ("openai",),
     "concurrency": ("openai",),
     "timeout": ("openai",),
+    "allow_insecure_http": ("openai",),
 }
 CONVERT_FORMATS = (
     "raft",
@@ -77,6 +78,13 @@ _GENERATION_OPTIONS = [
     click.option("--concurrency", type=int, default=None, help="openai: requests at once [8]."),
     click.option(
         "--timeout", type=float, default=None, help="openai: seconds to wait for a reply [60]."
+    ),
+    click.option(
+        "--allow-insecure-http",
+        is_flag=True,
+        default=None,  # None when absent, so other backends do not see it as given
+        help="openai: allow sending the API key over plain http:// to a host other than "
+        "localhost (refused by default: the key would cross the network unencrypted).",
     ),
     click.option(
         "--chunk-size",

@@ -100,6 +100,12 @@ class TrainingConfig:
     keep_last: int = field(default=2, metadata=_range(1))
     # null, "latest" (newest checkpoint of output.dir) or a checkpoint folder.
     resume: str | None = None
+    # A resume whose recipe differs from the checkpoint's in anything that changes the training
+    # trajectory (lr, max_steps, data, model, ...) is refused, naming the keys; true accepts it.
+    resume_with_changed_recipe: bool = False
+    # Seconds a collective may wait for the other ranks before the run fails (and the ranks
+    # that did not answer are named). torch's default is 10-30 minutes.
+    process_group_timeout_s: int = field(default=600, metadata=_range(10))
     log_every: int = field(default=1, metadata=_range(1))
     # null: on for QLoRA (quantization.mode != none), off otherwise.
     gradient_checkpointing: bool | None = None

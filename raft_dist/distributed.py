@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def sum_over_ranks(accelerator: Any, values: list[float]) -> list[float]:
@@ -28,3 +31,65 @@ def gather_lists(local: list) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
     return [item for part in parts for item in part]
+
+
+def decided_on_rank0(decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 only; every rank returns its result or raises its project error.
+
+    For decisions about the shared run folder (locking it, choosing and checking a checkpoint):
+    one rank decides so that ranks cannot disagree, and a refusal reaches every rank instead of
+    leaving the others waiting in the next collective."""
+    import torch.distributed as dist
+
+    from raft_dist.errors import ConfigError, RaftDistError
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", decide())]
+        except RaftDistError as exc:
+            outcome = [("error", str(exc))]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+class HangWatch:
+    """Names the ranks that stopped answering when a collective times out.
+
+    A rank that hangs (rather than dies) leaves the others blocked in a collective until the
+    process-group timeout (training.process_group_timeout_s). The timed-out group may be left
+    unusable, so a separate gloo group, created while all ranks are healthy, runs
+    monitored_barrier(wait_all_ranks=True): rank 0 learns which ranks never arrived."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
+    def unresponsive(self, seconds: float = 10.0) -> str:
+        """'rank(s) ... did not answer' (rank 0), or '' when everyone answered or unknown."""
+        import datetime
+
+        import torch.distributed as dist
+
+        if self.group is None:
+            return ""
+        try:
+            dist.monitored_barrier(
+                group=self.group, timeout=datetime.timedelta(seconds=seconds), wait_all_ranks=True
+            )
+        except RuntimeError as exc:
+            return str(exc).strip().splitlines()[0]
+        return ""
+
+
+def is_collective_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)

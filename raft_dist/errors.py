@@ -17,6 +17,15 @@ class NonFiniteError(RaftDistError):
     """The loss or the gradient norm became NaN/inf: the run stops before saving such weights."""
 
 
+class SaveError(RaftDistError):
+    """Writing a checkpoint, the final model or generated data failed (disk full, permissions);
+    the partial output is removed and what was saved before stays intact."""
+
+
+class HungRankError(RaftDistError):
+    """A collective timed out because a rank stopped answering; the message names it."""
+
+
 class DataError(RaftDistError):
     """A data file is unreadable or a record is malformed; the message names file and line."""
 

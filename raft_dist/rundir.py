@@ -1,6 +1,7 @@
 """The run folder (`output.dir`): every path a run writes, named once.
 
     output.dir/
+      run.lock                    held by the running run's rank 0 (train/lock.py)
       recipe.yaml                 the resolved recipe of the latest start
       data-check.json             the data stamp: what was checked before the run (data/check.py)
       metrics.jsonl               one JSON line per logged step and evaluation
@@ -14,6 +15,7 @@
       audit/seen_ids_rankN.txt    record ids rank N trained on (data.record_audit)
       checkpoints/step-XXXXXXXX/  complete checkpoints (train/checkpoint.py says what is inside);
       checkpoints/.step-*.tmp/    a checkpoint being written, never read
+      checkpoints/damaged-step-*/ a checkpoint found damaged on resume, kept for inspection
       final/                      the trained model (or PEFT adapter) and tokenizer; full runs only
 
 The launcher writes data-check.json before any rank starts; everything else is written by the
@@ -29,6 +31,10 @@ from pathlib import Path
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
 
     @property
     def recipe(self) -> Path:

@@ -6,23 +6,27 @@ same as with one request at a time. Rate limits (429), server errors (5xx), brok
 and timeouts are retried with exponential backoff; other HTTP errors (bad key, unknown model)
 stop the run with the server's message, since retrying cannot fix them.
 
-Only the stdlib HTTP client is used, so this backend adds no dependency.
+The API key goes to the --base-url origin (scheme, host and port) and nowhere else: redirects
+are followed by hand and only within that origin, and a key over plain http to another machine
+needs `allow_insecure_http`. The key is kept out of messages, logs and reprs.
 """
 
 from __future__ import annotations
 
-import http.client
+import ipaddress
 import json
 import os
 import random
 import threading
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any
+
+import httpx
 
 from raft_dist.errors import ConfigError, RaftDistError
 from raft_dist.generate.chunking import Chunk
@@ -37,6 +41,19 @@ from raft_dist.generate.questions import (
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_BACKOFF = 60.0  # seconds; also the cap on a server's Retry-After
+MAX_REDIRECTS = 5
+# Only these keep the method and body; after 301/302/303 a client re-sends a POST as a GET,
+# which can never reach a chat completions endpoint.
+_KEEP_POST = (307, 308)
+# httpx failures another attempt may not have; the rest (an unsupported scheme, a request
+# httpx refuses to send) would fail the same way every time.
+_TRANSIENT = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+    httpx.DecodingError,
+)
 
 
 class _Stopped(Exception):
@@ -52,7 +69,7 @@ class _Retryable(Exception):
 
 
 class OpenAIBackend:
-    """Chat completions over HTTP; see the module docstring for retries and ordering."""
+    """Chat completions over HTTP; see the module docstring for retries, ordering and the key."""
 
     name = "openai"
     drop_reasons = DROP_REASONS
@@ -68,6 +85,7 @@ class OpenAIBackend:
         concurrency: int = 8,
         timeout: float = 60.0,
         backoff: float = 1.0,
+        allow_insecure_http: bool = False,
     ) -> None:
         model = model or os.environ.get("RAFT_DIST_OPENAI_MODEL")
         if not model:
@@ -88,9 +106,16 @@ class OpenAIBackend:
             raise ConfigError(f"--temperature must be 0 or more, got {temperature}")
         if timeout <= 0:
             raise ConfigError(f"--timeout must be above 0 seconds, got {timeout}")
+        url = _parse_url(base_url.rstrip("/") + "/chat/completions")
+        key = _api_key(api_key if api_key is not None else os.environ.get("OPENAI_API_KEY"))
+        if key and url.scheme == "http" and not _is_local(url.host) and not allow_insecure_http:
+            raise ConfigError(
+                f"--base-url {base_url} is plain http to another machine, so the API key would "
+                "cross the network unencrypted: use https://, or pass --allow-insecure-http if "
+                "that network is trusted"
+            )
         self.model = model
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.max_retries = max_retries
@@ -99,6 +124,23 @@ class OpenAIBackend:
         self.backoff = backoff
         self._jitter = random.Random()  # timing only; never touches the output
         self._lock = threading.Lock()
+        headers = httpx.Headers({"Content-Type": "application/json", "Accept": "application/json"})
+        if key:
+            # Kept only here: httpx.Headers shows Authorization as [secure] in its repr.
+            headers["Authorization"] = f"Bearer {key}"
+        # One client for the backend's life: its connections are reused across requests and
+        # threads. The thread pool bounds the requests in flight, so the connection pool does not
+        # (a limit there would only turn waits into pool timeouts). Redirects are followed by
+        # hand (see _send) so the key cannot follow one to another origin.
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=concurrency),
+            follow_redirects=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(model={self.model!r}, url={self.url!r})"
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -109,6 +151,10 @@ class OpenAIBackend:
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
         }
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._http.close()
 
     # ---- the Backend protocol
 
@@ -149,15 +195,12 @@ class OpenAIBackend:
                 "max_tokens": self.max_new_tokens,
             }
         ).encode("utf-8")
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         last = ""
         for attempt in range(self.max_retries + 1):
             if stop.is_set():
                 raise _Stopped
             try:
-                return self._post(body, headers)
+                return self._post(body)
             except _Retryable as exc:
                 last = str(exc)
                 if attempt == self.max_retries:
@@ -172,25 +215,65 @@ class OpenAIBackend:
             f"openai backend: {self.url} failed {self.max_retries + 1} times; last error: {last}"
         )
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> str:
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+    def _post(self, body: bytes) -> str:
+        """One attempt. Every message raised here has the key removed: a server may echo the
+        Authorization header back in its error text."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                payload = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = _detail(exc)
-            if exc.code in (408, 409, 429) or exc.code >= 500:
-                raise _Retryable(f"HTTP {exc.code}: {detail}", _retry_after(exc)) from None
-            raise RaftDistError(
-                f"openai backend: {self.url} answered HTTP {exc.code}: {detail}"
-            ) from None
-        except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
-        except urllib.error.URLError as exc:  # wraps timeouts and refused connections
-            raise _Retryable(f"{exc.reason}") from None
-        except OSError as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
-        return _content(payload)
+            return _reply(self._send(body), self.url)
+        except _Retryable as exc:
+            raise _Retryable(self._redact(str(exc)), exc.retry_after) from None
+        except RaftDistError as exc:
+            raise RaftDistError(self._redact(str(exc))) from None
+
+    def _send(self, body: bytes) -> httpx.Response:
+        """POST to self.url, following 307/308 redirects within its origin only."""
+        url = httpx.URL(self.url)
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = self._http.post(url, content=body)
+            except _TRANSIENT as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+            except httpx.HTTPError as exc:
+                raise RaftDistError(f"openai backend: {url}: {type(exc).__name__}: {exc}") from None
+            if not response.is_redirect:
+                return response
+            try:
+                target = url.join(response.headers["Location"])
+            except httpx.InvalidURL:
+                raise RaftDistError(
+                    f"openai backend: {self.url} answered HTTP {response.status_code} with an "
+                    "invalid Location"
+                ) from None
+            if _origin(target) != _origin(url):
+                raise RaftDistError(
+                    f"openai backend: {self.url} redirects to {_origin_text(target)}; not "
+                    "followed, so the API key only goes to the --base-url host: set --base-url "
+                    "to the server's own address"
+                )
+            if response.status_code not in _KEEP_POST:
+                raise RaftDistError(
+                    f"openai backend: {self.url} answered HTTP {response.status_code} "
+                    f"(a redirect to {target}); set --base-url to the new address"
+                )
+            url = target
+        raise RaftDistError(
+            f"openai backend: {self.url} redirected more than {MAX_REDIRECTS} times"
+        )
+
+    def _redact(self, text: str) -> str:
+        auth = self._http.headers.get("Authorization")
+        key = auth.removeprefix("Bearer ") if auth else ""
+        return text.replace(key, "[API key]") if key else text
+
+
+def _reply(response: httpx.Response, url: str) -> str:
+    status = response.status_code
+    if status >= 400:
+        detail = _detail(response)
+        if status in (408, 409, 429) or status >= 500:
+            raise _Retryable(f"HTTP {status}: {detail}", _retry_after(response.headers))
+        raise RaftDistError(f"openai backend: {url} answered HTTP {status}: {detail}")
+    return _content(response.content)
 
 
 def _collect(job: Job, future: Future) -> Answered:
@@ -209,25 +292,71 @@ def _content(payload: bytes) -> str:
     return content if isinstance(content, str) else ""
 
 
-def _detail(exc: urllib.error.HTTPError) -> str:
+def _detail(response: httpx.Response) -> str:
     """The server's error message when it sent the usual {"error": {"message": ...}}."""
     try:
-        raw = exc.read()
-    except OSError:
-        raw = b""
-    try:
-        message = json.loads(raw)["error"]["message"]
+        message = json.loads(response.content)["error"]["message"]
         if isinstance(message, str) and message:
             return message
     except (ValueError, KeyError, TypeError):
         pass
-    text = raw.decode("utf-8", "replace").strip()
-    return text[:300] or exc.reason or "no details"
+    text = response.content.decode("utf-8", "replace").strip()
+    return text[:300] or response.reason_phrase or "no details"
 
 
-def _retry_after(exc: urllib.error.HTTPError) -> float | None:
-    value = exc.headers.get("Retry-After") if exc.headers else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Retry-After in seconds, given as a number or as an HTTP date."""
+    value = headers.get("Retry-After")
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # "-0000" dates parse as naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _parse_url(text: str) -> httpx.URL:
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"--base-url is not a valid URL: {exc}") from None
+    if not url.host:
+        raise ConfigError(f"--base-url has no host: {text!r}")
+    return url
+
+
+def _api_key(value: str | None) -> str | None:
+    """The key without surrounding whitespace (a stray newline from a file is common); refused,
+    without echoing it, when a header cannot carry it (httpx's error would quote it)."""
+    key = (value or "").strip()
+    if key and not all("!" <= c <= "~" for c in key):
+        raise ConfigError(
+            "the API key (--api-key or $OPENAI_API_KEY) has spaces or characters that an HTTP "
+            "header cannot carry"
+        )
+    return key or None
+
+
+def _is_local(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port  # httpx gives None for the scheme's default port
+
+
+def _origin_text(url: httpx.URL) -> str:
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from raft_dist import __version__
+from raft_dist.atomic import save_failure
 from raft_dist.data.records import Document, RaftRecord, to_json
-from raft_dist.errors import ConfigError, DataError, RaftDistError
+from raft_dist.errors import ConfigError, DataError, RaftDistError, SaveError
 from raft_dist.generate.backends import check_backend, make_backend
 from raft_dist.generate.chunking import (
     Chunk,
@@ -196,6 +197,8 @@ def generate(
                 bar.update(1)
                 if on_chunk is not None:
                     on_chunk(position + 1)
+    except OSError as exc:
+        raise _write_failure(out, exc) from None
     finally:
         answers.close()
         writer.close()
@@ -212,8 +215,20 @@ def generate(
     if drop_reasons:
         dropped = {r: counters.get(f"dropped_{r}", 0) for r in drop_reasons}
         generator["stats"]["dropped"] = dropped
-    manifest = writer.finish(generator)
+    try:
+        manifest = writer.finish(generator)
+    except OSError as exc:
+        raise _write_failure(out, exc) from None
     return GenerateResult("resumed" if resumed else "generated", out, manifest)
+
+
+def _write_failure(out: Path, exc: OSError) -> Exception:
+    """A full disk (or another OS error) while writing shards: one line, and the progress so
+    far stays on disk (the writer's log), so the same command resumes once there is room."""
+    error = save_failure("writing generated data to", out, exc)
+    if error is None:
+        return exc
+    return SaveError(f"{error}; what was written is kept: rerun the same command to resume")
 
 
 class _RecordMaker:

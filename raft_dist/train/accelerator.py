@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 from raft_dist.config import Recipe
@@ -32,11 +33,14 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
                 recipe, ["deepspeed_shm_comm"], os.environ.get("RANK", "0") == "0"
             )
 
-    handlers = []
+    # The recipe's timeout bounds how long a collective waits for a rank that hangs (torch's
+    # default is 10-30 minutes); teardown then names the ranks that did not answer.
+    group = {"timeout": timedelta(seconds=recipe.training.process_group_timeout_s)}
     if on_cpu() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # DeepSpeed and DDP on CPU both need gloo; without it Accelerate and DeepSpeed can
         # disagree about the world size.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        group["backend"] = "gloo"
+    handlers = [InitProcessGroupKwargs(**group)]
     trackers: list[str] = []
     if recipe.logging.tensorboard:
         trackers.append("tensorboard")

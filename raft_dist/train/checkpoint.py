@@ -1,8 +1,20 @@
-"""Crash-safe checkpoints: Accelerate state + every rank's own data position.
+"""Crash-safe checkpoints: Accelerate state + every rank's own data position + a manifest.
 
-A checkpoint is written into a hidden temporary folder and renamed into place only after all
-ranks finished writing, so a kill at any moment leaves the previous checkpoint untouched;
-`find_latest` only ever sees complete checkpoints.
+A checkpoint is written into a hidden temporary folder: every rank writes its part and fsyncs
+the folder, rank 0 writes the manifest (train/manifest.py) last, and only then renames the
+folder into place and fsyncs its parent. A kill at any moment leaves the previous checkpoint
+untouched; a save that fails (disk full) is removed and reported on every rank. Which checkpoint
+a resume loads, and what it checks first, is train/resume.py's job.
+
+    step-XXXXXXXX/
+      model.safetensors | adapter/    weights (LoRA: the adapter only)
+      optimizer.bin, random_states_N.pkl, ...   Accelerate's (or DeepSpeed's) own files
+      data_train_rankN.json           rank N's data position
+      audit_rankN.json                rank N's record audit length (data.record_audit)
+      lr_schedule.json                the LR schedule's state
+      recipe.json                     the recipe this checkpoint was trained with
+      trainer_state.json              TrainState
+      checkpoint-manifest.json        every file above with its size (and sha256), written last
 """
 
 from __future__ import annotations
@@ -14,13 +26,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from raft_dist.atomic import write_json_atomic
-from raft_dist.errors import ConfigError
+from raft_dist.atomic import folder_size, save_failure, write_json_atomic
+from raft_dist.distributed import sum_over_ranks
+from raft_dist.errors import ConfigError, SaveError
 from raft_dist.train.deepspeed import deepspeed_plugin
+from raft_dist.train.manifest import fsync_dir, fsync_tree, write_manifest
 from raft_dist.train.state import TrainState
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
+RECIPE = "recipe.json"
 # The LR schedule's state as JSON. It used to go through Accelerate's register_for_checkpointing,
 # which loads custom_checkpoint_N.pkl with weights_only=False: a crafted checkpoint could run
 # code on resume. raft-dist registers nothing, so Accelerate loads no such pickle.
@@ -31,33 +46,15 @@ def data_state_file(checkpoint: Path, name: str, rank: int) -> Path:
     return checkpoint / f"data_{name}_rank{rank}.json"
 
 
+def audit_state_file(checkpoint: Path, rank: int) -> Path:
+    return checkpoint / f"audit_rank{rank}.json"
+
+
 def list_checkpoints(root: Path) -> list[Path]:
+    """Renamed-into-place checkpoints, oldest first (intact or not: resume.py checks)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def find_latest(root: Path) -> Path | None:
-    checkpoints = list_checkpoints(root)
-    return checkpoints[-1] if checkpoints else None
-
-
-def resolve_resume(resume: str | None, root: Path) -> Path | None:
-    """`latest` with no checkpoint yet starts fresh (a requeued job's first run)."""
-    if resume is None:
-        if list_checkpoints(root):
-            raise ConfigError(
-                f"output.dir already holds checkpoints in {root}; pass training.resume=latest to "
-                "continue that run, or choose another output.dir"
-            )
-        return None
-    if resume == "latest":
-        return find_latest(root)
-    path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise ConfigError(f"training.resume: {resume} is not a complete raft-dist checkpoint")
-    return path
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=str)
 
 
 def save_checkpoint(
@@ -68,10 +65,15 @@ def save_checkpoint(
     trainer_state: TrainState,
     scheduler: Any,
     keep_last: int,
+    *,
+    recipe: dict[str, Any],
     adapters_only: bool = False,
+    audit_lines: int | None = None,
+    hashes: bool = True,
 ) -> Path:
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
+    rank = accelerator.process_index
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,21 +84,59 @@ def save_checkpoint(
         if adapters_only and deepspeed_plugin(accelerator) is not None
         else {}
     )
-    accelerator.save_state(str(tmp), **engine_kwargs)
-    rank = accelerator.process_index
-    for name, stream in streams.items():
-        write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
-    accelerator.wait_for_everyone()
+    failure: BaseException | None = None
+    try:
+        accelerator.save_state(str(tmp), **engine_kwargs)
+        for name, stream in streams.items():
+            write_json_atomic(data_state_file(tmp, name, rank), stream.state_dict())
+        if audit_lines is not None:
+            write_json_atomic(audit_state_file(tmp, rank), {"lines": audit_lines})
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / LR_SCHEDULE, scheduler.state_dict())
+            write_json_atomic(tmp / RECIPE, recipe)
+            write_json_atomic(tmp / TRAINER_STATE, trainer_state.to_dict())
+        fsync_tree(tmp)
+    except Exception as exc:  # classified below: disk errors become one line
+        failure = exc
+    # Every rank learns whether any rank failed (instead of a plain barrier): a rank that hit
+    # a full disk must not leave the others waiting, nor let rank 0 publish a partial folder.
+    failed_ranks = sum_over_ranks(accelerator, [float(failure is not None)])[0]
+    if failed_ranks == 0 and accelerator.is_main_process:
+        try:
+            write_manifest(tmp, step, accelerator.num_processes, hashes)
+        except OSError as exc:
+            failure = exc
+    failed_ranks = sum_over_ranks(accelerator, [float(failure is not None)])[0]
+    if failed_ranks:
+        _give_up(accelerator, root, tmp, final, failure)
     if accelerator.is_main_process:
-        write_json_atomic(tmp / LR_SCHEDULE, scheduler.state_dict())
-        write_json_atomic(tmp / TRAINER_STATE, trainer_state.to_dict())
-        if final.exists():
+        if final.exists():  # a damaged copy of this step, or a rerun of it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _give_up(
+    accelerator: Any, root: Path, tmp: Path, final: Path, failure: BaseException | None
+) -> None:
+    """Remove the partial checkpoint and raise the same kind of error on every rank."""
+    previous = [p.name for p in list_checkpoints(root)]
+    needed = max((folder_size(p) for p in list_checkpoints(root)[-1:]), default=0)
+    needed = max(needed, folder_size(tmp))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none was saved"
+    if failure is None:
+        raise SaveError(f"checkpoint {final} not saved: another rank failed to write it; {kept}")
+    error = save_failure("writing checkpoint", final, failure, needed)
+    if error is None:
+        raise failure
+    raise SaveError(f"{error}; the partial checkpoint was removed and {kept}") from None
 
 
 def load_checkpoint(
@@ -115,9 +155,8 @@ def load_checkpoint(
     if pickles:
         raise ConfigError(
             f"training.resume: {path} holds {', '.join(pickles)}, a pickle raft-dist does not "
-            "load (loading it could run any code). A checkpoint of an older raft-dist keeps "
-            "its LR schedule there: delete the file to resume; the schedule is then recomputed "
-            "from the step."
+            "load (loading it could run any code); it is not part of the checkpoint's "
+            "manifest. Delete the file to resume."
         )
     accelerator.load_state(str(path), **engine_kwargs)
     rank = accelerator.process_index
@@ -130,23 +169,8 @@ def load_checkpoint(
             )
         stream.load_state_dict(json.loads(state_file.read_text(encoding="utf-8")))
     state = TrainState.from_dict(json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
-    _restore_schedule(scheduler, path, state)
+    scheduler.load_state_dict(json.loads((path / LR_SCHEDULE).read_text(encoding="utf-8")))
     return state
-
-
-def _restore_schedule(scheduler: Any, path: Path, state: TrainState) -> None:
-    schedule = path / LR_SCHEDULE
-    if schedule.is_file():
-        scheduler.load_state_dict(json.loads(schedule.read_text(encoding="utf-8")))
-        return
-    # A checkpoint of an older raft-dist pickled the schedule; its pickle is never loaded. The
-    # schedule is a function of the optimizer steps taken, so step it that far again.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
-        for _ in range(state.step - state.skipped_steps):
-            scheduler.step()
 
 
 ADAPTER_DIR = "adapter"

@@ -27,8 +27,13 @@ from typing import Any
 
 from raft_dist.atomic import write_json_atomic
 from raft_dist.config import Recipe
-from raft_dist.distributed import sum_over_ranks
-from raft_dist.errors import ConfigError, DataError, NonFiniteError
+from raft_dist.distributed import (
+    HangWatch,
+    decided_on_rank0,
+    is_collective_timeout,
+    sum_over_ranks,
+)
+from raft_dist.errors import ConfigError, DataError, HungRankError, NonFiniteError, SaveError
 from raft_dist.rundir import RunDir
 from raft_dist.train.state import Stop, TrainState
 from raft_dist.train.stopping import StopRequests
@@ -63,7 +68,9 @@ class Run:
     pad: dict
     stops: StopRequests
     state: TrainState = field(default_factory=TrainState)
-    seen_ids: list[str] | None = None
+    seen_ids: list[str] | None = None  # record ids read since the last audit flush
+    audit_lines: int | None = None  # lines in this rank's audit file after that flush
+    hang_watch: HangWatch | None = None
 
     @property
     def streams(self) -> dict[str, Any]:
@@ -74,10 +81,22 @@ class Run:
 def train(recipe: Recipe) -> dict[str, Any]:
     # First of all, so that a preemption during the (slow) setup is not lost.
     stops = StopRequests().install()
+    watch = None
     try:
         run = setup(recipe, stops)
+        watch = run.hang_watch
         stop = fit(run)
         return finish(run, stop)
+    except RuntimeError as exc:
+        if watch is None or not is_collective_timeout(exc):
+            raise
+        # A rank hung instead of dying: say which, instead of torch's bare timeout.
+        who = watch.unresponsive() or "another rank stopped answering"
+        raise HungRankError(
+            f"a collective waited longer than training.process_group_timeout_s="
+            f"{recipe.training.process_group_timeout_s} s: {who}. The last checkpoint is "
+            "intact; resume with training.resume=latest."
+        ) from None
     finally:
         stops.restore()
 
@@ -95,14 +114,11 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
     from raft_dist.train.accelerator import live_setup, make_accelerator, quantized_device_map
-    from raft_dist.train.checkpoint import (
-        load_checkpoint,
-        register_adapter_checkpointing,
-        resolve_resume,
-    )
+    from raft_dist.train.checkpoint import load_checkpoint, register_adapter_checkpointing
     from raft_dist.train.deepspeed import fill_deepspeed_batch, model_init_context
     from raft_dist.train.metrics import MetricsLog, configure_logging
     from raft_dist.train.optim import build_optimizer
+    from raft_dist.train.resume import trim_audit
     from raft_dist.train.runcard import render_run_card
     from raft_dist.train.schedule import build_scheduler
 
@@ -121,14 +137,12 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
         )
     for warning in cpu_warnings(live) if accelerator.is_main_process else []:
         log.warning(warning)
-    resume_from = resolve_resume(t.resume, paths.checkpoints)
     rank, world = accelerator.process_index, accelerator.num_processes
+    # Before anything is written to the folder: lock it, pick the checkpoint (checked, with
+    # fallback) and drop what a killed attempt logged after it. Rank 0 decides for all.
+    resume_from = decided_on_rank0(lambda: _claim_run_folder(recipe, paths, world, log))
     if accelerator.is_main_process:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
-        paths.stopped.unlink(missing_ok=True)  # a marker describes the previous attempt only
         stops.watch(paths.stop_request)
-    accelerator.wait_for_everyone()
     _write_rank_facts(paths, live)
     _check_shared_run_dir(accelerator, paths)
 
@@ -144,6 +158,7 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
         register_adapter_checkpointing(accelerator)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
+    audit_lines = trim_audit(paths, rank, resume_from) if d.record_audit else None
     train_stream, eval_stream = build_streams(
         recipe, tokenizer, data, rank=rank, world_size=world, seen_ids=seen_ids
     )
@@ -200,7 +215,25 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
         stops=stops,
         state=state,
         seen_ids=seen_ids,
+        audit_lines=audit_lines,
+        hang_watch=HangWatch(),
     )
+
+
+def _claim_run_folder(recipe: Recipe, paths: RunDir, world: int, log: Any) -> Path | None:
+    """Rank 0: the lock, the checkpoint to resume from, and a folder that agrees with it."""
+    from raft_dist.train.lock import lock_run_folder
+    from raft_dist.train.resume import checkpoint_step, choose_checkpoint, trim_metrics
+
+    if not lock_run_folder(paths.lock):
+        log.warning(
+            "%s: this filesystem has no file locks; nothing keeps a second run out", paths.root
+        )
+    resume_from = choose_checkpoint(recipe.training.resume, paths, world, recipe.to_dict(), log)
+    trim_metrics(paths, checkpoint_step(resume_from))
+    paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
+    paths.stopped.unlink(missing_ok=True)  # a marker describes the previous attempt only
+    return resume_from
 
 
 # ---- fit ---------------------------------------------------------------------------------
@@ -329,7 +362,11 @@ def fit(run: Run) -> Stop | None:
                 state,
                 scheduler,
                 t.keep_last,
-                recipe.lora.enabled,
+                recipe=recipe.to_dict(),
+                adapters_only=recipe.lora.enabled,
+                audit_lines=_flush_audit(run),
+                # A stop request leaves seconds of grace: sizes only, no hashing then.
+                hashes=stop_votes == 0,
             )
             run.log.info("checkpoint %s", path)
         if stop is not None:
@@ -366,9 +403,9 @@ def _guard_nonfinite(run: Run, step: int, window_loss: float, grad_norm: Any) ->
 
 
 def _last_good(run: Run) -> str:
-    from raft_dist.train.checkpoint import find_latest
+    from raft_dist.train.checkpoint import list_checkpoints
 
-    latest = find_latest(run.paths.checkpoints)
+    latest = next(iter(list_checkpoints(run.paths.checkpoints)[-1:]), None)
     return f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
 
 
@@ -402,7 +439,7 @@ def finish(run: Run, stop: Stop | None) -> dict[str, Any]:
             write_json_atomic(paths.stopped, stop.to_dict())
             paths.stop_request.unlink(missing_ok=True)
     accelerator.print(_summary_text(summary, paths), flush=True)
-    _write_audit(paths, accelerator.process_index, run.seen_ids)
+    _flush_audit(run)
     _write_rank_peak_memory(paths, accelerator.process_index)
     teardown(accelerator)
     return summary
@@ -410,17 +447,33 @@ def finish(run: Run, stop: Stop | None) -> dict[str, Any]:
 
 def save_final_model(accelerator: Any, model: Any, tokenizer: Any, final_dir: Path) -> None:
     """Every rank takes part in gathering the weights (ZeRO-3 deadlocks otherwise)."""
-    from raft_dist.atomic import swap_in_dir, temp_dir_for
+    import shutil
+
+    from raft_dist.atomic import folder_size, save_failure, swap_in_dir, temp_dir_for
 
     state_dict = accelerator.get_state_dict(model)
+    failure: BaseException | None = None
     if accelerator.is_main_process:
         tmp = temp_dir_for(final_dir)
-        accelerator.unwrap_model(model).save_pretrained(
-            tmp, state_dict=state_dict, safe_serialization=True
-        )
-        tokenizer.save_pretrained(tmp)
-        swap_in_dir(tmp, final_dir)
-    accelerator.wait_for_everyone()
+        try:
+            accelerator.unwrap_model(model).save_pretrained(
+                tmp, state_dict=state_dict, safe_serialization=True
+            )
+            tokenizer.save_pretrained(tmp)
+            swap_in_dir(tmp, final_dir)
+        except Exception as exc:  # classified below: disk errors become one line
+            failure = exc
+            written = folder_size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = save_failure("writing the final model", final_dir, exc, written)
+            if error is None:
+                raise
+            failure = error
+    # Not a plain barrier: the other ranks learn that rank 0 failed instead of waiting for it.
+    if sum_over_ranks(accelerator, [float(failure is not None)])[0]:
+        if isinstance(failure, SaveError):
+            raise SaveError(f"{failure}; the partial model was removed, checkpoints are intact")
+        raise SaveError(f"the final model {final_dir} was not saved: rank 0 failed to write it")
 
 
 def _summarize(run: Run, stop: Stop | None) -> dict[str, Any]:
@@ -478,13 +531,22 @@ def teardown(accelerator: Any) -> None:
         dist.destroy_process_group()
 
 
-def _write_audit(paths: RunDir, rank: int, seen_ids: list[str] | None) -> None:
-    if seen_ids is None:
-        return
-    audit = paths.audit(rank)
+def _flush_audit(run: Run) -> int | None:
+    """Append the ids read since the last flush to this rank's audit; its line count goes into
+    the checkpoint, so a resume can cut what a killed attempt appended after it."""
+    if run.seen_ids is None or run.audit_lines is None:
+        return None
+    import os
+
+    audit = run.paths.audit(run.accelerator.process_index)
     audit.parent.mkdir(exist_ok=True)
     with audit.open("a", encoding="utf-8") as handle:
-        handle.writelines(f"{i}\n" for i in seen_ids)
+        handle.writelines(f"{i}\n" for i in run.seen_ids)
+        handle.flush()
+        os.fsync(handle.fileno())
+    run.audit_lines += len(run.seen_ids)
+    run.seen_ids.clear()
+    return run.audit_lines
 
 
 def _write_rank_peak_memory(paths: RunDir, rank: int) -> None:

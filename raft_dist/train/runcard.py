@@ -33,6 +33,11 @@ def render_run_card(
         ("quantization", recipe.quantization.mode),
         ("LoRA", f"r={recipe.lora.r}" if recipe.lora.enabled else "off"),
         ("model", f"{recipe.model.name_or_path}: {params:,} params, {trainable:,} trainable"),
+        *(
+            [("remote code", "ON: model.trust_remote_code runs the model repository's Python")]
+            if recipe.model.trust_remote_code
+            else []
+        ),
         ("weights", f"{_footprint_mib(model):,.1f} MiB in memory (get_memory_footprint)"),
         (
             "batch",
