@@ -177,7 +177,10 @@ def recipe_command(recipe_path: str, key: str | None, overrides: tuple[str, ...]
     show_default=True,
     help="dtype of the merged weights.",
 )
-def merge(base: str, adapter: str, out: str, dtype: str) -> None:
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out if it already exists (refused otherwise)."
+)
+def merge(base: str, adapter: str, out: str, dtype: str, overwrite: bool) -> None:
     """Merge a LoRA/QLoRA adapter into its base and save a plain transformers model.
 
     The base is reloaded in full precision; a quantized base is refused (merging into 4-bit
@@ -189,7 +192,7 @@ def merge(base: str, adapter: str, out: str, dtype: str) -> None:
     """
     from raft_dist.merge import merge_adapter
 
-    click.echo(f"merged model: {merge_adapter(base, adapter, out, dtype)}")
+    click.echo(f"merged model: {merge_adapter(base, adapter, out, dtype, overwrite=overwrite)}")
 
 
 cli.add_command(generate)

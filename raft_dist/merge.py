@@ -26,9 +26,15 @@ def _refuse_quantized(base: str) -> None:
             )
 
 
-def merge_adapter(base: str, adapter: str, out: str, dtype: str = "float32") -> Path:
+def merge_adapter(
+    base: str, adapter: str, out: str, dtype: str = "float32", *, overwrite: bool = False
+) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
 
     if builtin_name(base) is not None:
         raise ConfigError(
@@ -41,7 +47,6 @@ def merge_adapter(base: str, adapter: str, out: str, dtype: str = "float32") -> 
     _refuse_quantized(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(dtype))
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    target = Path(out)
     tmp = temp_dir_for(target)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base_path

@@ -133,6 +133,12 @@ def test_merge_equals_adapter_on_full_precision_base(
     reference = logits(bases["llama"], adapter)  # the adapter on a full-precision reload
     torch.testing.assert_close(merged, reference, rtol=1e-4, atol=1e-4)
     assert not merged.equal(logits(bases["llama"]))  # the adapter changed something
+    if not quantized:  # an existing --out is replaced only when asked
+        again = [*result.args[3:]]
+        refused = run_cli(*again)
+        assert refused.returncode == 2 and "pass --overwrite" in refused.stderr
+        assert logits(tmp_path / "merged").equal(merged)
+        assert run_cli(*again, "--overwrite").returncode == 0
 
 
 def test_merge_refuses_a_quantized_base(tmp_path: Path, bases: dict) -> None:
