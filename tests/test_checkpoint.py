@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, offline_env, run_cli, write_dataset, write_recipe
+from helpers import ROOT, offline_env, run_cli, seen_ids, write_dataset, write_recipe
 from safetensors.torch import load_file
 
 from raft_dist.errors import ConfigError
@@ -24,6 +24,7 @@ from raft_dist.train.manifest import MANIFEST
 from raft_dist.train.resume import changed_keys, choose_checkpoint
 
 TRAINING = {"max_steps": 6, "save_every": 2, "keep_last": 3, "seed": 3}
+DATA = {"record_audit": True}
 NEWEST, PREVIOUS = "step-00000006", "step-00000004"
 
 
@@ -31,7 +32,9 @@ NEWEST, PREVIOUS = "step-00000006", "step-00000004"
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("trained")
     write_dataset(base / "data", [24])
-    recipe = write_recipe(base / "recipe.yaml", base / "data", base / "run", training=TRAINING)
+    recipe = write_recipe(
+        base / "recipe.yaml", base / "data", base / "run", training=TRAINING, data=DATA
+    )
     result = run_cli("train", "--config", str(recipe), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return base
@@ -41,7 +44,9 @@ def _copy(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the run; returns (its recipe, its run folder)."""
     run = tmp_path / "run"
     shutil.copytree(trained / "run", run)
-    recipe = write_recipe(tmp_path / "recipe.yaml", trained / "data", run, training=TRAINING)
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", trained / "data", run, training=TRAINING, data=DATA
+    )
     return recipe, run
 
 
@@ -79,14 +84,29 @@ def test_each_checkpoint_has_a_manifest_of_its_files(trained: Path) -> None:
     assert not list((trained / "run/checkpoints").glob(".*"))  # no temporary folder left
 
 
-@pytest.mark.parametrize("damage", [*DAMAGE, "model.safetensors flipped"])
+def _garble_header_of_unhashed(path: Path) -> None:
+    """Same size, no hashes (as a stop save writes): only reading the header can tell."""
+    manifest_file = path.parent / MANIFEST
+    manifest = json.loads(manifest_file.read_text())
+    for entry in manifest["files"].values():
+        entry["sha256"] = None
+    manifest_file.write_text(json.dumps(manifest))
+    data = bytearray(path.read_bytes())
+    data[:8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage", [*DAMAGE, "model.safetensors flipped", "model.safetensors header"]
+)
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_is_used(
     trained: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, run = _copy(trained, tmp_path)
     newest = run / "checkpoints" / NEWEST
     name = damage.split()[0]
-    (_flip_a_byte if damage.endswith("flipped") else DAMAGE[name])(newest / name)
+    special = {"flipped": _flip_a_byte, "header": _garble_header_of_unhashed}
+    special.get(damage.split()[-1], DAMAGE.get(name))(newest / name)
     recipe = json.loads((newest.parent / PREVIOUS / "recipe.json").read_text())
     paths = RunDir(run)
 
@@ -119,6 +139,10 @@ def test_resume_falls_back_and_ends_with_the_same_weights(trained: Path, tmp_pat
     assert f"{NEWEST} is damaged (model.safetensors" in result.stderr
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sorted(steps) == list(range(1, 7)), steps
+    # The record audit was cut back to the checkpoint too: every record once, as in the run
+    # that was never resumed.
+    assert seen_ids(run) == seen_ids(trained / "run")
+    assert len(seen_ids(run)) == 24
     fresh = load_file(run / "final/model.safetensors")
     reference = load_file(trained / "run/final/model.safetensors")
     assert fresh.keys() == reference.keys()

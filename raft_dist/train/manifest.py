@@ -33,9 +33,14 @@ def fsync_tree(folder: Path) -> None:
 
     Every rank calls this on the whole checkpoint: on a shared filesystem each node's client
     flushes only the pages it wrote itself, so rank 0 alone could not make other nodes' files
-    durable. Linux accepts fsync on a read-only descriptor."""
+    durable; each rank calls it after its own writes, so its own files are always listed.
+    Linux accepts fsync on a read-only descriptor."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync_path(path)
+        try:
+            _fsync_path(path)
+        except FileNotFoundError:
+            # Another rank's temporary file, renamed since the listing: that rank syncs its own.
+            continue
     _fsync_path(folder)
 
 
