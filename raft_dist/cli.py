@@ -91,6 +91,7 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
       raft-dist launch --profile multi_node --config r.yaml --machine_rank 1 \\
           --main_process_ip 10.0.0.1
     """
+    from raft_dist.adapters import check_combination
     from raft_dist.config import load_recipe
     from raft_dist.data.check import check_data, write_stamp
     from raft_dist.launcher import EXIT_STOPPED, describe, plan_launch, run, split_args
@@ -100,6 +101,8 @@ def launch(profile: str, recipe_path: str, dry_run: bool, args: tuple[str, ...])
     overrides, accelerate_args = split_args(list(args))
     recipe = load_recipe(recipe_path, overrides)
     plan = plan_launch(profile, recipe_path, overrides, accelerate_args)
+    # Before the ranks start (and in a dry run): a quantization the profile's engine cannot use.
+    check_combination(recipe, plan.zero_stage)
     if dry_run:
         click.echo("# resolved recipe")
         click.echo(recipe.to_yaml())
