@@ -2,6 +2,8 @@
 #   make demo   fine-tune the embedded model on the shipped RAFT data set (2 CPU processes)
 #   make test   the test suite (CPU, no hub)
 #   make bench  benchmarks, printed as ratios against baselines measured in the same run
+#   make faults kill -9 fault injection: killed and resumed runs against references
+#               (replay a seed: make faults FAULTS_ARGS='--seed N')
 #   make lint   ruff format check + lint
 # GPU machines: make install TORCH_SPEC='torch>=2.4' (the default pins the CPU wheel).
 
@@ -14,7 +16,7 @@ STAMP := $(VENV)/.raft-dist-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test bench faults lint format clean
 
 install: $(STAMP)
 
@@ -47,6 +49,9 @@ test: install
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/generate_bench.py
+
+faults: install
+	$(BIN)/python bench/faults.py $(FAULTS_ARGS)
 
 lint: install
 	$(BIN)/ruff format --check raft_dist launch tests bench data ds_configs

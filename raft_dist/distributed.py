@@ -93,3 +93,27 @@ class HangWatch:
 def is_collective_timeout(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this rank when the process that started it dies (Linux).
+
+    torch elastic starts every rank in a session of its own, so `kill -9` on the launch's
+    process group (a node's job killed) stops the launcher and the agent but not the ranks:
+    they trained on as orphans, writing checkpoints and metrics into a run folder that the
+    requeued job was about to resume from."""
+    import os
+    import signal
+    import sys
+
+    # Only under torch elastic (torchrun / accelerate launch): a rank started from a shell with
+    # nohup must survive its shell.
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took hold
+        os._exit(1)

@@ -23,7 +23,8 @@ from raft_dist.rundir import RunDir
 from raft_dist.train.manifest import MANIFEST
 from raft_dist.train.resume import changed_keys, choose_checkpoint
 
-TRAINING = {"max_steps": 6, "save_every": 2, "keep_last": 3, "seed": 3}
+# An evaluation at step 4 (inside the run) and the final one at step 6 (after the last save).
+TRAINING = {"max_steps": 6, "save_every": 2, "keep_last": 3, "seed": 3, "eval_every": 4}
 DATA = {"record_audit": True}
 NEWEST, PREVIOUS = "step-00000006", "step-00000004"
 
@@ -31,7 +32,7 @@ NEWEST, PREVIOUS = "step-00000006", "step-00000004"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("trained")
-    write_dataset(base / "data", [24])
+    write_dataset(base / "data", [24], eval_sizes=(4,))
     recipe = write_recipe(
         base / "recipe.yaml", base / "data", base / "run", training=TRAINING, data=DATA
     )
@@ -137,8 +138,7 @@ def test_resume_falls_back_and_ends_with_the_same_weights(trained: Path, tmp_pat
     result = run_cli("train", "--config", str(recipe), "training.resume=latest", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{NEWEST} is damaged (model.safetensors" in result.stderr
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(steps) == list(range(1, 7)), steps
+    assert _logged(run) == _logged(trained / "run")
     # The record audit was cut back to the checkpoint too: every record once, as in the run
     # that was never resumed.
     assert seen_ids(run) == seen_ids(trained / "run")
@@ -147,6 +147,26 @@ def test_resume_falls_back_and_ends_with_the_same_weights(trained: Path, tmp_pat
     reference = load_file(trained / "run/final/model.safetensors")
     assert fresh.keys() == reference.keys()
     assert all(fresh[k].equal(reference[k]) for k in fresh)
+
+
+def _logged(run: Path) -> dict[str, list[int]]:
+    """Steps of the training and evaluation lines in metrics.jsonl, in file order."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "train": [x["step"] for x in lines if "loss" in x],
+        "eval": [x["step"] for x in lines if "eval_loss" in x],
+    }
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(trained: Path, tmp_path: Path) -> None:
+    """The final evaluation comes after the last checkpoint: a resume from that checkpoint
+    (a job that died during the final save, or a finished one started again) evaluates again
+    and must not leave the first evaluation's line behind."""
+    assert _logged(trained / "run") == {"train": [1, 2, 3, 4, 5, 6], "eval": [4, 6]}
+    recipe, run = _copy(trained, tmp_path)
+    again = run_cli("train", "--config", str(recipe), "training.resume=latest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _logged(run) == _logged(trained / "run")
 
 
 def test_resume_refuses_a_changed_recipe_unless_told(trained: Path, tmp_path: Path) -> None:

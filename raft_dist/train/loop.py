@@ -223,14 +223,14 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
 def _claim_run_folder(recipe: Recipe, paths: RunDir, world: int, log: Any) -> Path | None:
     """Rank 0: the lock, the checkpoint to resume from, and a folder that agrees with it."""
     from raft_dist.train.lock import lock_run_folder
-    from raft_dist.train.resume import checkpoint_step, choose_checkpoint, trim_metrics
+    from raft_dist.train.resume import checkpoint_state, choose_checkpoint, trim_metrics
 
     if not lock_run_folder(paths.lock):
         log.warning(
             "%s: this filesystem has no file locks; nothing keeps a second run out", paths.root
         )
     resume_from = choose_checkpoint(recipe.training.resume, paths, world, recipe.to_dict(), log)
-    trim_metrics(paths, checkpoint_step(resume_from))
+    trim_metrics(paths, checkpoint_state(resume_from))
     paths.recipe.write_text(recipe.to_yaml(), encoding="utf-8")
     paths.stopped.unlink(missing_ok=True)  # a marker describes the previous attempt only
     return resume_from

@@ -121,10 +121,11 @@ def _check(path: Path, world_size: int) -> str | None:
     return problem_with(path, required)
 
 
-def checkpoint_step(path: Path | None) -> int:
+def checkpoint_state(path: Path | None) -> dict[str, Any]:
+    """The checkpoint's TrainState as saved (an empty one for a fresh start)."""
     if path is None:
-        return 0
-    return int(json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))["step"])
+        return {"step": 0, "evals": []}
+    return json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 def _move_aside(path: Path) -> Path:
@@ -185,18 +186,27 @@ def _check_recipe(path: Path, recipe: dict[str, Any]) -> None:
         )
 
 
-def trim_metrics(paths: RunDir, step: int) -> None:
-    """Keep metrics.jsonl lines up to `step` (rank 0): later ones came from a killed attempt."""
+def trim_metrics(paths: RunDir, state: dict[str, Any]) -> None:
+    """Keep the metrics.jsonl lines the checkpoint's state accounts for (rank 0): training lines
+    up to its step and the evaluations it recorded. Later ones came from a killed attempt, and
+    so does an evaluation logged at the checkpoint's own step after it was saved (the final
+    evaluation of a run that then died, or that is resumed after finishing): the resumed run
+    logs them again, once."""
     if not paths.metrics.is_file():
         return
+    evaluated = {e.get("step") for e in state.get("evals", [])}
     kept = []
     for line in paths.metrics.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
-            logged = json.loads(line).get("step", 0)
+            logged = json.loads(line)
         except ValueError:  # a line torn by a kill
             continue
-        if isinstance(logged, int) and logged <= step:
-            kept.append(line)
+        step = logged.get("step")
+        if not isinstance(step, int) or step > state["step"]:
+            continue
+        if "eval_loss" in logged and step not in evaluated:
+            continue
+        kept.append(line)
     write_atomic(paths.metrics, "".join(kept).encode("utf-8"))
 
 
