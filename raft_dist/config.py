@@ -60,6 +60,9 @@ class DataConfig:
     shuffle_shards: bool = True
     # Write the id of every record each rank reads to <output.dir>/audit/ (data audits, tests).
     record_audit: bool = False
+    # Batches a background thread tokenizes ahead of the training step (0: in the step).
+    # null: the default, 2. The batches and the checkpointed position are the same either way.
+    prefetch_batches: int | None = field(default=None, metadata=_range(0, 64))
 
 
 @dataclass
@@ -194,16 +197,26 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 def _read_with_parents(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     """`extends: other.yaml` (relative to the recipe) starts from another recipe, so variants
     such as tiny-lora.yaml state only what differs from tiny.yaml."""
-    if path.resolve() in seen:
+    if _resolved(path) in seen:
         raise ConfigError(f"{path}: 'extends' loops back to itself")
     raw = _read_yaml(path)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    if not isinstance(parent, str):
+    if not isinstance(parent, str) or not parent.strip() or "\x00" in parent:
         raise ConfigError(f"{path}: extends must be a recipe path, got {parent!r}")
-    base = _read_with_parents(path.parent / parent, (*seen, path.resolve()))
+    try:
+        base = _read_with_parents(path.parent / parent, (*seen, _resolved(path)))
+    except ConfigError as exc:  # say which recipe names the broken one
+        raise ConfigError(f"{path}: extends {_shown_key(parent)}: {exc}") from None
     return _deep_merge(base, raw)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise ConfigError(f"cannot read recipe {path}: {exc}") from None
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -225,11 +238,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: the recipe is not valid UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        line, problem = _yaml_problem(exc, text)
+        where = f"{path}:{line}" if line is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -237,9 +250,41 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _load_yaml(text: str) -> Any:
+    """One YAML document; every way the text can be wrong is a yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """(1-based line or None, what is wrong) for a message of one line."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text[: exc.position].count("\n") + 1
+        return line, f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    return (mark.line + 1 if mark is not None else None), " ".join(str(problem).split())
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping: YAML keeps the last one
     silently, so a recipe would not say what its author thinks it says."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's scalar constructors raise plain Python errors for some well-formed but
+        # impossible values (an integer of more than 4,300 digits, year 0, `!!timestamp x`);
+        # they become YAML errors that point at the value.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            text = node.value if isinstance(node.value, str) else ""
+            shown = repr(text[:40] + "..." if len(text) > 40 else text)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as {kind}", node.start_mark
+            ) from None
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -247,6 +292,15 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                "a key must be a plain value, not a list or mapping",
+                key_node.start_mark,
+            ) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None,
@@ -266,9 +320,9 @@ def _parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like section.key=value")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value) if value.strip() else None
     except yaml.YAMLError:
-        parsed = value
+        parsed = value  # not YAML: the text itself, which the key's type check then judges
     return key.strip(), parsed
 
 
@@ -288,11 +342,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    # YAML keys may be numbers, null or text with newlines: sorted and shown so that the
+    # message is one line whatever the key.
+    unknown = sorted(set(raw) - set(fields), key=repr)
     if unknown:
         where = prefix.rstrip(".") or "recipe"
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]} in {where}; allowed: {', '.join(fields)}"
+            f"unknown key {prefix}{_shown_key(unknown[0])} in {where}; allowed: {', '.join(fields)}"
         )
     values = {}
     for name, value in raw.items():
@@ -303,6 +359,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             values[name] = _coerce(key, hint, value, fields[name].metadata)
     return cls(**values)
+
+
+def _shown_key(name: object) -> str:
+    return name if isinstance(name, str) and name.isprintable() else repr(name)
 
 
 def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> Any:
@@ -339,7 +399,10 @@ def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> 
         value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            raise ConfigError(f"{key}: the number is too large") from None
         if not math.isfinite(value):
             raise ConfigError(f"{key}: {value} is not a finite number")
     elif hint is str:

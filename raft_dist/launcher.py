@@ -7,6 +7,7 @@ DeepSpeed profile), and tells the ranks what they must find when they start.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -16,6 +17,9 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from raft_dist.contract import Contract
 from raft_dist.env import env_flag
@@ -44,22 +48,65 @@ RECIPE_KEY = re.compile(r"^([A-Za-z_]\w*)(\.\w+)+$")
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     """Recipe overrides look like section.key=value; everything else goes to accelerate.
 
-    `training.max_steps 3` (a space for the `=`) would reach accelerate as the script to run:
-    a bare `section.key` that is not an option's value is refused instead.
+    What goes to accelerate must be its options and their values: accelerate runs the first
+    other word as the script in place of the training entry, so `training.max_steps 3` (a space
+    for the `=`) once reached torchrun as the script to run. Such a word is refused here, as is
+    an option accelerate does not have or one left without its value.
     """
+    takes_value = _accelerate_options()
+    overrides: list[str] = []
+    passed: list[str] = []
+    waiting: str | None = None  # an option whose value comes next
+    for arg in args:
+        if waiting is not None:
+            if OVERRIDE.match(arg):
+                raise ConfigError(f"{waiting} needs a value before the override {_shown(arg)}")
+            passed.append(arg)
+            waiting = None
+        elif OVERRIDE.match(arg):
+            overrides.append(arg)
+        elif arg.startswith("-") and arg not in ("-", "--"):
+            name, equals, _ = arg.partition("=")
+            if name not in takes_value:
+                raise ConfigError(
+                    f"{_shown(name)}: not an option of accelerate launch "
+                    "(see accelerate launch --help)"
+                )
+            waiting = name if takes_value[name] and not equals else None
+            passed.append(arg)
+        else:
+            raise ConfigError(_stray_word(arg))
+    if waiting is not None:
+        raise ConfigError(f"{waiting} needs a value")
+    return overrides, passed
+
+
+def _stray_word(arg: str) -> str:
     from raft_dist.config import Recipe
 
-    sections = set(Recipe.__dataclass_fields__)
-    for index, arg in enumerate(args):
-        key = RECIPE_KEY.match(arg)
-        after_option = index > 0 and args[index - 1].startswith("-") and "=" not in args[index - 1]
-        if key and key.group(1) in sections and not after_option:
-            raise ConfigError(
-                f"{arg}: a recipe override needs '=': write {arg}=VALUE (no spaces around '=')"
-            )
-    overrides = [a for a in args if OVERRIDE.match(a)]
-    accelerate_args = [a for a in args if not OVERRIDE.match(a)]
-    return overrides, accelerate_args
+    key = RECIPE_KEY.match(arg)
+    if key and key.group(1) in Recipe.__dataclass_fields__:
+        return f"{arg}: a recipe override needs '=': write {arg}=VALUE (no spaces around '=')"
+    return (
+        f"{_shown(arg)}: neither a recipe override (section.key=value) nor an option of "
+        "accelerate launch; accelerate would run it in place of the training script"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _accelerate_options() -> dict[str, bool]:
+    """Every `accelerate launch` option -> whether it takes a value (each takes one or none).
+    Read from accelerate's own parser, so a new accelerate option is known without a change
+    here; argparse lists its options only in `_actions`."""
+    from accelerate.commands.launch import launch_command_parser
+
+    parser = launch_command_parser()
+    return {name: action.nargs != 0 for action in parser._actions for name in action.option_strings}
+
+
+def _shown(text: str) -> str:
+    """User text in a one-line message: as is, or quoted with escapes."""
+    return text if text.isprintable() and text.strip() else repr(text)
 
 
 def _option(args: list[str], name: str) -> str | None:
@@ -83,14 +130,10 @@ def plan_launch(
     """The `accelerate launch` command and environment for a profile. `entry` replaces what
     the ranks run (default: the training entry script with the recipe), e.g. `-m raft_dist.cli
     eval ...` for an evaluation over the profile's processes."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
     environ = dict(os.environ if environ is None else environ)
     profile_path = resolve_profile(profile)
-    try:
-        cfg = load_config_from_file(str(profile_path))
-    except (ValueError, TypeError, OSError) as exc:
-        raise ConfigError(f"--profile {profile}: not a valid accelerate config: {exc}") from None
+    where = f"--profile {profile}"
+    cfg = _load_profile(profile_path, where)
     dtype = str(getattr(cfg.distributed_type, "value", cfg.distributed_type))
     deepspeed = dtype == "DEEPSPEED" or "--use_deepspeed" in accelerate_args
     use_cpu = bool(cfg.use_cpu) or "--cpu" in accelerate_args
@@ -105,25 +148,36 @@ def plan_launch(
             f"--profile {profile}: distributed_type MULTI_CPU runs ONE process unless mpirun is "
             "installed; use distributed_type MULTI_GPU with use_cpu: true (see cpu.yaml)"
         )
-    num_processes = int(_option(accelerate_args, "num_processes") or cfg.num_processes or 1)
-    num_machines = int(_option(accelerate_args, "num_machines") or cfg.num_machines or 1)
-    machine_rank = int(_option(accelerate_args, "machine_rank") or cfg.machine_rank or 0)
-    if num_processes < 1:
-        raise ConfigError(f"--profile {profile}: num_processes must be set (got {num_processes})")
+    num_processes = _count(where, cfg, accelerate_args, "num_processes", default=1, minimum=1)
+    num_machines = _count(where, cfg, accelerate_args, "num_machines", default=1, minimum=1)
+    machine_rank = _count(where, cfg, accelerate_args, "machine_rank", default=0, minimum=0)
+    if machine_rank >= num_machines:
+        raise ConfigError(
+            f"{where}: machine_rank {machine_rank} is not below num_machines {num_machines}"
+        )
     stage = None
     ds_args: list[str] = []
     if deepspeed:
-        ds_file = _option(accelerate_args, "deepspeed_config_file") or (
-            (cfg.deepspeed_config or {}).get("deepspeed_config_file")
+        ds_settings = cfg.deepspeed_config or {}
+        if not isinstance(ds_settings, dict):
+            raise ConfigError(f"{where}: deepspeed_config must be a mapping of settings")
+        ds_file = _option(accelerate_args, "deepspeed_config_file") or ds_settings.get(
+            "deepspeed_config_file"
         )
         if ds_file:
-            ds_path = resolve_ds_config(ds_file)
+            if not isinstance(ds_file, str):
+                raise ConfigError(f"{where}: deepspeed_config_file must be a file name")
+            given = _option(accelerate_args, "deepspeed_config_file")
+            source = "--deepspeed_config_file" if given else f"{where}: deepspeed_config_file"
+            ds_path = resolve_ds_config(ds_file, source)
             stage = read_ds_config(ds_path)["zero_optimization"].get("stage", 0)
-            if _option(accelerate_args, "deepspeed_config_file") is None:
+            if given is None:
                 # Absolute, so the profile works from any working folder and from a wheel.
                 ds_args = ["--deepspeed_config_file", str(ds_path)]
         else:
-            stage = (cfg.deepspeed_config or {}).get("zero_stage")
+            stage = ds_settings.get("zero_stage")
+            if stage is not None and not _is_stage(stage):
+                raise ConfigError(f"{where}: zero_stage {stage!r} is not one of 0, 1, 2, 3")
     engine = "deepspeed" if deepspeed else ("ddp" if num_processes > 1 else "single")
     # DeepSpeed runs on GPUs or, through its CPU accelerator, on CPUs: either is legitimate.
     # Any other profile without a CPU flag asks for CUDA GPUs; without them Accelerate would
@@ -159,49 +213,120 @@ def plan_launch(
     )
 
 
-def resolve_ds_config(name: str) -> Path:
+def _load_profile(path: Path, where: str) -> Any:
+    """Accelerate's config object for a profile. Accelerate's loader trusts the file (an empty
+    file or a list raises AttributeError, a wrong value TypeError or ValueError), so the file is
+    parsed here first, and what the loader still refuses becomes a ConfigError as well."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    _read_settings(path, where, as_json=path.name.endswith(".json"))  # accelerate's own rule
+    try:
+        return load_config_from_file(str(path))
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{where}: not a valid accelerate config: {_one_line(exc)}") from None
+
+
+def _read_settings(path: Path, where: str, *, as_json: bool) -> dict[str, Any]:
+    """A JSON or YAML file that must hold a mapping; every failure names the file."""
+    kind = "JSON" if as_json else "YAML"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: not valid UTF-8 (byte {exc.start + 1})") from None
+    try:
+        value = json.loads(text) if as_json else yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid {kind}: nested too deeply") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, yaml.YAMLError) as exc:
+        # ValueError covers JSON syntax and numbers past Python's 4,300-digit limit; PyYAML's
+        # constructors raise the others for impossible values (year 0, `!!timestamp x`).
+        raise ConfigError(f"{where}: not valid {kind}: {_one_line(exc)}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must hold a mapping of settings, got {type(value).__name__}")
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _count(where: str, cfg: Any, args: list[str], name: str, *, default: int, minimum: int) -> int:
+    """A process or machine count: the command line's, else the profile's, else `default`."""
+    option = _option(args, name)
+    value = option or getattr(cfg, name, None) or default
+    source = f"--{name}" if option else f"{where}: {name}"
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        count = minimum - 1
+    if isinstance(value, bool) or count < minimum or (isinstance(value, float) and value != count):
+        raise ConfigError(f"{source} must be a whole number >= {minimum}, got {value!r}")
+    return count
+
+
+def _is_stage(value: object) -> bool:
+    return type(value) is int and 0 <= value <= 3
+
+
+def resolve_ds_config(name: str, source: str = "deepspeed_config_file") -> Path:
     """A relative DeepSpeed config path is tried from the working folder, then from where
     raft-dist keeps its ds_configs/ (so profiles work from a checkout and from a wheel)."""
     path = Path(name)
-    if not path.is_absolute() and not path.is_file():
+    if not path.is_absolute() and not _is_file(path):
         # Not found from the working folder: fall back to the shipped copy.
         shipped = resource_dir("ds_configs") / path.name
-        if shipped.is_file():
+        if _is_file(shipped):
             return shipped
-    if not path.is_file():
-        raise ConfigError(f"deepspeed_config_file: no such file {name}")
+    if not _is_file(path):
+        raise ConfigError(f"{source}: no such file {_shown(name)}")
     return path.resolve()
 
 
-def read_ds_config(path: Path) -> dict:
-    """Load a DeepSpeed JSON and refuse what raft-dist owns itself."""
+def _is_file(path: Path) -> bool:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"deepspeed_config_file {path}: not valid JSON: {exc}") from None
+        return path.is_file()
+    except (OSError, ValueError):  # a name longer than the file system allows, a NUL byte
+        return False
+
+
+def read_ds_config(path: Path) -> dict:
+    """Load a DeepSpeed JSON and refuse what raft-dist owns itself or cannot use."""
+    where = f"deepspeed_config_file {path}"
+    config = _read_settings(path, where, as_json=True)
     for owned in ("optimizer", "scheduler"):
         if owned in config:
             raise ConfigError(
-                f"deepspeed_config_file {path}: remove the '{owned}' section; raft-dist builds "
+                f"{where}: remove the '{owned}' section; raft-dist builds "
                 "the optimizer and LR schedule from the recipe (training.lr, training.lr_schedule)"
                 " and picks DeepSpeedCPUAdam itself when the optimizer is offloaded"
             )
     zero = config.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{where}: zero_optimization must be an object")
+    if not _is_stage(zero.get("stage", 0)):
+        raise ConfigError(
+            f"{where}: zero_optimization.stage {zero['stage']!r} is not one of 0, 1, 2, 3"
+        )
     if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
         raise ConfigError(
-            f"deepspeed_config_file {path}: ZeRO-3 needs "
+            f"{where}: ZeRO-3 needs "
             "zero_optimization.stage3_gather_16bit_weights_on_model_save: true, or the final "
             "model cannot be saved (Accelerate fills 'auto' with false)"
         )
+    devices = {}
     for part in ("offload_optimizer", "offload_param"):
-        device = (zero.get(part) or {}).get("device", "none")
-        if device not in ("none", "cpu", "nvme"):
+        section = zero.get(part) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: zero_optimization.{part} must be an object")
+        devices[part] = section.get("device", "none")
+        if devices[part] not in ("none", "cpu", "nvme"):
             raise ConfigError(
-                f"deepspeed_config_file {path}: {part}.device {device!r} is not "
-                "one of none, cpu, nvme"
+                f"{where}: {part}.device {devices[part]!r} is not one of none, cpu, nvme"
             )
-    if (zero.get("offload_param") or {}).get("device", "none") != "none" and zero.get("stage") != 3:
-        raise ConfigError(f"deepspeed_config_file {path}: offload_param needs ZeRO stage 3")
+    if devices["offload_param"] != "none" and zero.get("stage") != 3:
+        raise ConfigError(f"{where}: offload_param needs ZeRO stage 3")
     return config
 
 

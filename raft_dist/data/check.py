@@ -180,7 +180,16 @@ def read_stamp(path: Path, data: DataConfig) -> DataCheck | None:
             shards = [Shard(f, int(s["records"])) for f, s in zip(files, stamped, strict=True)]
             check.splits[split] = SplitCheck(spec, shards, int(entry["skipped"]), digest)
         return check
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, DataError):
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        OverflowError,  # int(inf)
+        RecursionError,  # JSON nested deeper than the parser goes
+        DataError,
+    ):
         return None
 
 

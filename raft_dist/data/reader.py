@@ -124,15 +124,38 @@ def decode_text(line: Line) -> str:
 
 
 def decode_json(line: Line) -> object:
-    text = decode_text(line)
+    value = loads_json(decode_text(line), line.path, line.line)
+    if b"\\ud" in line.raw.lower():  # only a \u escape can leave a lone surrogate
+        _check_surrogates(value, line)
+    return value
+
+
+def _check_surrogates(value: object, line: Line) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which json.loads keeps as a lone
+    surrogate: not text, and the tokenizer later fails on it on every rank."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(exc.object[exc.start])
+        raise DataError(
+            line.path, line.line, f"a \\u escape leaves a lone surrogate (U+{code:04X}): not text"
+        ) from None
+
+
+def loads_json(text: str, path: object, line: int | None) -> object:
+    """One JSON value; every way `json.loads` can fail becomes a DataError at `path:line`
+    (for a whole-file document such as a manifest, `line` None: the line of the syntax error)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(
-            line.path, line.line, f"malformed JSON: {exc.msg} (column {exc.colno})"
-        ) from None
+        where = line if line is not None else exc.lineno
+        raise DataError(path, where, f"malformed JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError:
+        # Python refuses to turn a number of more than 4,300 digits into an int (a guard
+        # against quadratic-time conversions); json.loads lets that ValueError through.
+        raise DataError(path, line, "malformed JSON: a number too long to read") from None
     except RecursionError:
-        raise DataError(line.path, line.line, "malformed JSON: nested too deeply") from None
+        raise DataError(path, line, "malformed JSON: nested too deeply") from None
 
 
 def parse_line(line: Line) -> Record:

@@ -47,7 +47,15 @@ from raft_dist.data.prompts import render_prompt
 from raft_dist.data.schema import Document, Example, RaftRecord
 from raft_dist.errors import DataError
 
-__all__ = ["Document", "Example", "RaftRecord", "Record", "detect_format", "parse_record"]
+__all__ = [
+    "Document",
+    "Example",
+    "RaftRecord",
+    "Record",
+    "detect_format",
+    "parse_record",
+    "shown",
+]
 
 Record = RaftRecord | Example
 
@@ -76,6 +84,12 @@ _FORMAT_FIELDS: dict[Format, str] = {
 
 
 # --------------------------------------------------------------------------- field validation
+
+
+def shown(text: str) -> str:
+    """Text from a user's file as it appears in a message: as is, or quoted with escapes when it
+    holds a newline or another control character, so every message stays one line."""
+    return text if text.isprintable() else repr(text)
 
 
 def _type_name(value: object) -> str:
@@ -278,7 +292,7 @@ def detect_format(obj: dict, path: object = "<record>", line: int | None = None)
     for fmt, keys in _FORMAT_RULES:
         if any(key in obj for key in keys):
             return fmt
-    found = ", ".join(sorted(map(str, obj))[:12]) or "none"
+    found = ", ".join(sorted(map(shown, obj))[:12]) or "none"
     expected = "; ".join(f"{fmt} ({fields})" for fmt, fields in _FORMAT_FIELDS.items())
     raise DataError(path, line, f"unknown record format: found keys [{found}]; expected {expected}")
 

@@ -9,12 +9,13 @@ own disjoint slice without reading anyone else's data.
 from __future__ import annotations
 
 import glob as globlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from raft_dist.config import DataConfig
-from raft_dist.data.reader import EMPTY_FILE, count_records
+from raft_dist.data.reader import EMPTY_FILE, count_records, loads_json
+from raft_dist.data.records import shown
 from raft_dist.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -70,6 +71,23 @@ def manifest_path(spec: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest as a JSON object; every way it can be unreadable is a DataError naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read the manifest: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(path, line, "the manifest is not valid UTF-8") from None
+    manifest = loads_json(text, path, None)
+    if not isinstance(manifest, dict):
+        raise DataError(path, None, f"a manifest is a JSON object, got {_json_type(manifest)}")
+    return manifest
+
+
 def manifest_shards(spec: str, split: str) -> list[ManifestShard] | None:
     """The manifest's shards of `split` (None when `spec` is not a data set folder).
 
@@ -79,28 +97,74 @@ def manifest_shards(spec: str, split: str) -> list[ManifestShard] | None:
     path = manifest_path(spec)
     if path is None:
         return None
-    root = path.parent
+    name = shown(split)  # a split name comes from the file: keep every message one line
+    splits = read_manifest(path).get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(path, None, f'"splits" must be an object, got {_json_type(splits)}')
+    if split not in splits:
+        raise DataError(path, None, f"no '{name}' split (the manifest has: {_names(splits)})")
+    info = splits[split]
+    entries = info.get("shards") if isinstance(info, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(path, None, f'"splits.{name}.shards" must be a list of shards')
+    if not entries:
+        raise DataError(path, None, f"the '{name}' split lists no shard")
+    return [_manifest_shard(path, f"splits.{name}.shards[{i}]", e) for i, e in enumerate(entries)]
+
+
+def _manifest_shard(manifest: Path, where: str, entry: object) -> ManifestShard:
+    if not isinstance(entry, dict):
+        raise DataError(manifest, None, f'"{where}" must be an object, got {_json_type(entry)}')
+    name = entry.get("path")
+    if not isinstance(name, str) or not name.strip():
+        got = "an empty string" if isinstance(name, str) else _json_type(name)
+        raise DataError(manifest, None, f'"{where}.path" must be a file name, got {got}')
+    sha256 = entry.get("sha256")
+    if sha256 is not None and not isinstance(sha256, str):
+        got = _json_type(sha256)
+        raise DataError(manifest, None, f'"{where}.sha256" must be a string, got {got}')
+    shard = ManifestShard(manifest.parent / name, _record_count(manifest, where, entry), sha256)
+    _check_inside(manifest, name, shard.path)
+    return shard
+
+
+def _record_count(manifest: Path, where: str, entry: dict) -> int | None:
+    value = entry.get("records")
+    if value is None:
+        return None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        entries = manifest["splits"][split]["shards"]
-        listed = [
-            ManifestShard(
-                root / str(e["path"]),
-                int(e["records"]) if e.get("records") is not None else None,
-                str(e["sha256"]) if e.get("sha256") is not None else None,
-            )
-            for e in entries
-        ]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(path, None, f"no readable '{split}' split: {exc}") from None
-    if not listed:
-        raise DataError(path, None, f"the '{split}' split lists no shard")
-    for entry in listed:
-        if not entry.path.resolve().is_relative_to(root.resolve()):
-            raise DataError(path, None, f"shard path {entry.path} is outside the data set folder")
-        if not entry.path.is_file():
-            raise DataError(entry.path, None, f"listed in {path} but missing")
-    return listed
+        count = int(value)  # "2" and 2.0 from hand-written manifests are fine
+    except (TypeError, ValueError, OverflowError):
+        count = -1
+    if isinstance(value, bool) or count < 0 or (isinstance(value, float) and value != count):
+        got = repr(value) if isinstance(value, (int, float, str)) else _json_type(value)
+        raise DataError(manifest, None, f'"{where}.records" must be a whole number >= 0, got {got}')
+    return count
+
+
+def _check_inside(manifest: Path, name: str, path: Path) -> None:
+    """The shard must be a file inside the data set folder, links resolved."""
+    if "\x00" in name:
+        raise DataError(manifest, None, f"shard path {name!r} is not a valid file name")
+    try:
+        inside = path.resolve().is_relative_to(manifest.parent.resolve())
+        exists = inside and path.is_file()
+    except (OSError, ValueError) as exc:  # e.g. a name longer than the file system allows
+        reason = getattr(exc, "strerror", None) or exc
+        raise DataError(manifest, None, f"shard path {shown(name)} is unusable: {reason}") from None
+    if not inside:
+        raise DataError(manifest, None, f"shard path {shown(name)} is outside the data set folder")
+    if not exists:
+        raise DataError(manifest, None, f"shard path {shown(name)} is listed but no such file")
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _names(splits: dict) -> str:
+    return ", ".join(shown(str(name)) for name in splits) or "no split"
 
 
 def has_split(spec: str, split: str) -> bool:
@@ -110,10 +174,11 @@ def has_split(spec: str, split: str) -> bool:
         return False
     if (root / MANIFEST).is_file():
         try:
-            manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-            return bool(manifest["splits"][split]["shards"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return False
+            splits = read_manifest(root / MANIFEST).get("splits")
+        except DataError:
+            return False  # reported when the train split is read from the same manifest
+        info = splits.get(split) if isinstance(splits, dict) else None
+        return isinstance(info, dict) and bool(info.get("shards"))
     return (root / split).is_dir()
 
 

@@ -45,6 +45,7 @@ from raft_dist.data.records import (
     to_example,
     to_json,
 )
+from raft_dist.data.sources import manifest_shards, read_manifest
 from raft_dist.errors import ConfigError, DataError
 from raft_dist.generate.writer import FORMAT_VERSION, MANIFEST
 
@@ -152,21 +153,18 @@ def _kind(path: Path) -> Literal["jsonl", "parquet"]:
 
 
 def _manifest_inputs(root: Path) -> list[_Input]:
-    manifest_path = root / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        splits = manifest["splits"]
-        files = [
-            (split, root / shard["path"])
-            for split, info in splits.items()
-            for shard in info["shards"]
-        ]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(manifest_path, None, f"unreadable manifest: {exc}") from None
-    for _, file in files:
-        if not file.is_file():
-            raise DataError(file, None, f"listed in {manifest_path} but missing")
-    return [_Input("jsonl", file, _split_name(split)) for split, file in files]
+    """A data set folder's shards, through the one manifest reader: a manifest naming a file
+    outside its folder (`/etc/passwd`, `../x`) is refused there, not read."""
+    splits = read_manifest(root / MANIFEST).get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(root / MANIFEST, None, '"splits" must be an object')
+    inputs = []
+    for split in splits:
+        for shard in manifest_shards(str(root), split) or []:
+            if not Path(shard.path).is_file():
+                raise DataError(shard.path, None, f"listed in {root / MANIFEST} but missing")
+            inputs.append(_Input("jsonl", Path(shard.path), _split_name(split)))
+    return inputs
 
 
 # --------------------------------------------------------------------------- reading records

@@ -11,7 +11,6 @@ characters or, with a tokenizer, in tokens.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -21,8 +20,8 @@ from typing import Any
 
 from raft_dist.data.answers import extract_quotes
 from raft_dist.data.reader import EMPTY_FILE, read_records
-from raft_dist.data.records import RaftRecord, Record, to_example
-from raft_dist.data.sources import MANIFEST, manifest_shards
+from raft_dist.data.records import RaftRecord, Record, shown, to_example
+from raft_dist.data.sources import MANIFEST, manifest_shards, read_manifest
 from raft_dist.errors import DataError, RaftDistError
 
 MAX_SHOWN_ERRORS = 50
@@ -98,12 +97,13 @@ def _split_of(path: Path) -> str:
 def _manifest_files(root: Path, report: Report) -> tuple[list[_File], bool]:
     manifest_path = root / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        splits = manifest["splits"]
-        if not isinstance(splits, dict):
-            raise TypeError("splits is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        report.error(manifest_path, None, f"unreadable manifest: {exc}")
+        manifest = read_manifest(manifest_path)
+        splits = manifest.get("splits")
+    except DataError as exc:
+        report.error(exc.path, exc.line, exc.reason)
+        return [], False
+    if not isinstance(splits, dict):
+        report.error(manifest_path, None, '"splits" must be an object')
         return [], False
     files: list[_File] = []
     for split, info in splits.items():
@@ -114,15 +114,17 @@ def _manifest_files(root: Path, report: Report) -> tuple[list[_File], bool]:
         except DataError as exc:
             report.error(exc.path, exc.line, exc.reason)
             continue
-        except (KeyError, TypeError, ValueError) as exc:
-            report.error(manifest_path, None, f"split '{split}' is malformed: {exc}")
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            report.error(
+                manifest_path, None, f"split {shown(split)!s} is malformed: {shown(str(exc))}"
+            )
             continue
         total = sum(entry.records or 0 for entry in listed)
         if total != declared:
             report.error(
                 manifest_path,
                 None,
-                f"split '{split}' declares {declared} records but its shards list {total}",
+                f"split {shown(split)} declares {declared} records but its shards list {total}",
             )
         files += [_File(e.path, split, e.records, e.sha256) for e in listed]
         listed_paths = {entry.path.resolve() for entry in listed}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from raft_dist.atomic import write_atomic
+from raft_dist.data.records import shown
 from raft_dist.data.sources import MANIFEST
 from raft_dist.errors import ConfigError, DataError
 
@@ -54,14 +55,14 @@ def fingerprint(settings: dict[str, Any]) -> str:
 def read_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable counts as absent: regenerate
         return None
     return value if isinstance(value, dict) else None
 
 
 def _differences(old: dict, new: dict) -> list[str]:
     keys = sorted(set(old) | set(new))
-    return [k for k in keys if old.get(k) != new.get(k)]
+    return [shown(str(k)) for k in keys if old.get(k) != new.get(k)]
 
 
 def prepare(out: Path, settings: dict[str, Any], *, overwrite: bool) -> str:
@@ -76,7 +77,8 @@ def prepare(out: Path, settings: dict[str, Any], *, overwrite: bool) -> str:
     header = _read_header(out / PROGRESS)
     old = None
     if manifest is not None:
-        generator = manifest.get("generator") or {}
+        generator = manifest.get("generator")
+        generator = generator if isinstance(generator, dict) else {}
         if generator.get("fingerprint") == key and not overwrite:
             return "up to date"
         old = generator.get("settings") if isinstance(generator.get("settings"), dict) else {}
