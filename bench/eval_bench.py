@@ -46,8 +46,9 @@ WARMUP_NEW_TOKENS = 2
 # pass of all 40 alone takes about 20 s on 2 shared cores, and the whole run should stay within
 # about a minute. 128 new tokens: the demo's evaluation budget (1.25 x its longest gold answer
 # + 16 = 135), so decoding weighs as much as in the real evaluation; with 32, prefill (which
-# batching helps less) dominated and the ratio read ~3.0 instead of ~3.4. A pretrained model gets `raft-dist eval`'s own default dtype, auto (bf16 only
-# where the CPU runs it natively), and few examples: its prompts take seconds each on 2 cores.
+# batching helps less) dominated and the ratio read ~3.0 instead of ~3.4. A pretrained model
+# gets `raft-dist eval`'s own default dtype, auto (bf16 only where the CPU runs it natively),
+# and few examples: its prompts take seconds each on 2 cores.
 MODEL_DEFAULTS: dict[str, tuple[int, int, str]] = {
     DEFAULT_MODEL: (16, 128, "float32"),
     "builtin:smollm2": (8, 32, "auto"),
