@@ -124,13 +124,17 @@ def _give_up(
     accelerator: Any, root: Path, tmp: Path, final: Path, failure: BaseException | None
 ) -> None:
     """Remove the partial checkpoint and raise the same kind of error on every rank."""
-    previous = [p.name for p in list_checkpoints(root)]
-    needed = max((folder_size(p) for p in list_checkpoints(root)[-1:]), default=0)
-    needed = max(needed, folder_size(tmp))
+    previous = list_checkpoints(root)[-1:]
+    # About what the save needs: the size of the last complete one, or what it wrote so far.
+    needed = max([folder_size(tmp), *map(folder_size, previous)])
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "none was saved"
+    kept = (
+        f"the previous checkpoint {previous[0].name} is intact"
+        if previous
+        else "no earlier checkpoint exists"
+    )
     if failure is None:
         raise SaveError(f"checkpoint {final} not saved: another rank failed to write it; {kept}")
     error = save_failure("writing checkpoint", final, failure, needed)
