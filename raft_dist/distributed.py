@@ -11,6 +11,10 @@ T = TypeVar("T")
 def sum_over_ranks(accelerator: Any, values: list[float]) -> list[float]:
     """Sum small per-rank statistics over all ranks in one collective (float64, so token
     counts stay exact far beyond what one run reaches)."""
+    if accelerator.num_processes == 1:
+        # Nothing to add: the gather would only copy the values to the device and wait for
+        # them to come back (a host sync twice per step on a GPU).
+        return [float(v) for v in values]
     import torch
 
     local = torch.tensor([values], dtype=torch.float64, device=accelerator.device)

@@ -240,44 +240,73 @@ def _claim_run_folder(recipe: Recipe, paths: RunDir, world: int, log: Any) -> Pa
 
 
 def fit(run: Run) -> Stop | None:
+    from raft_dist.data.prefetch import Prefetcher, prefetch_depth
+
+    if run.eval_stream is not None and run.recipe.training.eval_at_start and run.state.step == 0:
+        _evaluate(run, 0)
+    # The next batches are read, tokenized and collated in a thread while a step runs (thread
+    # budget: data/prefetch.py). On a GPU the thread also pins them, so that their copy to the
+    # device does not wait for the kernels queued before it.
+    feed = Prefetcher(
+        run.train_stream,
+        prefetch_depth(run.recipe.data.prefetch_batches),
+        pin_memory=run.accelerator.device.type == "cuda",
+    )
+    try:
+        return _fit_steps(run, feed)
+    finally:
+        # Also on an error: the stream is put back at the last batch taken, so the summary
+        # counts what was trained on, not what the thread read ahead.
+        feed.close()
+
+
+def _fit_steps(run: Run, feed: Any) -> Stop | None:
     import torch
 
-    from raft_dist.evaluate import target_count, token_loss_sum
+    from raft_dist.evaluate import token_loss_sum
     from raft_dist.train.checkpoint import save_checkpoint
 
     recipe, accelerator, state = run.recipe, run.accelerator, run.state
     t = recipe.training
     model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
     accum, world = t.gradient_accumulation_steps, accelerator.num_processes
-    if run.eval_stream is not None and t.eval_at_start and state.step == 0:
-        _evaluate(run, 0)
+    device = accelerator.device
+    pad = {k: v.to(device) for k, v in run.pad.items()}  # copied once, not once per use
+    # The checkpoint saves the position of the last batch the loop took (Prefetcher.state_dict).
+    streams = {"train": feed}
     steps_this_run = 0
     model.train()
     while state.step < run.total_steps:
         started = time.perf_counter()
-        window = [run.train_stream.next_batch() for _ in range(accum)]
-        local = [
-            sum(target_count(b) for b in window if b is not None),
-            sum(1.0 for b in window if b is not None),
-        ]
+        window = [feed.next_batch() for _ in range(accum)]
+        real = [fed for fed in window if fed is not None]
+        local = [sum(fed.target_tokens for fed in real), float(len(real))]
         global_tokens, global_batches = sum_over_ranks(accelerator, local)
         if global_batches == 0:  # every rank finished its range: the epoch is over
             if state.epoch_steps == 0:
                 raise DataError(
                     recipe.data.train, None, "no example left to train on (all dropped?)"
                 )
-            epoch = run.train_stream.state.epoch + 1
+            epoch = feed.epoch + 1
             if t.max_steps is None and epoch >= t.epochs:
                 break
-            run.train_stream.start_epoch(epoch)
+            feed.start_epoch(epoch)
             state.epoch_steps = 0
             continue
 
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        input_tokens, grad_norm, step_lr, scaler_skipped = 0.0, None, float("nan"), False
-        for index, batch in enumerate(window):
-            real = batch is not None
-            batch = {k: v.to(accelerator.device) for k, v in (batch if real else run.pad).items()}
+        # Summed on the device, in float64 as the reported loss always was, and read once per
+        # step below: a .cpu() per micro-batch would wait for the device every time.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        input_tokens = sum(fed.input_tokens for fed in real)
+        # micro_loss is a sum over a micro-batch's target tokens; dividing by the window's
+        # target tokens on all ranks weighs every token the same. backward() divides by accum
+        # (Accelerate; DeepSpeed's engine with scale_wrt_gas) and DDP averages over world
+        # ranks, so multiply both back: the step's gradient is then the gradient of the mean
+        # token loss over the whole window.
+        scale = accum * world / max(global_tokens, 1.0)
+        grad_norm, step_lr, scaler_skipped = None, float("nan"), False
+        for index, fed in enumerate(window):
+            batch = fed.to(device) if fed is not None else pad
             with accelerator.accumulate(model):
                 # One gradient-sync mechanism: accumulate() counts micro-batches and turns
                 # sync_gradients on for every accum-th one, which is what makes DDP all-reduce
@@ -292,15 +321,8 @@ def fit(run: Run) -> Stop | None:
                         "accumulation counter and the loop's window disagree"
                     )
                 micro_loss, _ = token_loss_sum(model, batch)
-                # micro_loss is a sum over this micro-batch's target tokens; dividing by the
-                # window's target tokens on all ranks weighs every token the same. backward()
-                # divides by accum (Accelerate; DeepSpeed's engine with scale_wrt_gas) and DDP
-                # averages over world ranks, so multiply both back: the step's gradient is
-                # then the gradient of the mean token loss over the whole window.
-                scale = accum * world / max(global_tokens, 1.0)
                 accelerator.backward(micro_loss * scale)
-                loss_sum += micro_loss.detach().double().cpu()
-                input_tokens += float(batch["attention_mask"].sum()) if real else 0.0
+                loss_sum += micro_loss.detach().double()
                 if accelerator.sync_gradients:
                     max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
@@ -317,9 +339,14 @@ def fit(run: Run) -> Stop | None:
                             scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
 
+        # The step's one wait for the device (nonfinite=skip and fp16 scaling add their own):
+        # the loss and the norm that the NaN guard and the log need. The first read waits for
+        # all the work the step queued, so the second one waits for nothing.
+        local_loss = float(loss_sum)
+        norm = float(grad_norm) if grad_norm is not None else None
         # The stop vote rides on the statistics the ranks exchange anyway: no extra collective.
         window_loss, window_inputs, stop_votes = sum_over_ranks(
-            accelerator, [float(loss_sum), input_tokens, float(run.stops.requested())]
+            accelerator, [local_loss, input_tokens, float(run.stops.requested())]
         )
         state.step += 1
         state.target_tokens += global_tokens
@@ -334,14 +361,14 @@ def fit(run: Run) -> Stop | None:
                 {
                     "loss": window_loss / max(global_tokens, 1.0),
                     "lr": step_lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "grad_norm": norm if norm is not None else float("nan"),
                     "target_tokens": global_tokens,
                     "tokens_per_s": window_inputs / max(elapsed, 1e-9),
-                    "epoch": run.train_stream.state.epoch,
+                    "epoch": feed.epoch,
                 },
             )
         run.metrics.advance()
-        _guard_nonfinite(run, step, window_loss, None if scaler_skipped else grad_norm)
+        _guard_nonfinite(run, step, window_loss, None if scaler_skipped else norm)
 
         stop_after = t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps
         stop = None
@@ -358,7 +385,7 @@ def fit(run: Run) -> Stop | None:
                 accelerator,
                 run.paths.checkpoints,
                 step,
-                run.streams,
+                streams,
                 state,
                 scheduler,
                 t.keep_last,

@@ -50,6 +50,7 @@ MAY_CHANGE = (
     "training.process_group_timeout_s",
     "data.eval",
     "data.record_audit",
+    "data.prefetch_batches",
     "output.",
     "logging.",
 )
