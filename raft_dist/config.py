@@ -60,6 +60,9 @@ class DataConfig:
     shuffle_shards: bool = True
     # Write the id of every record each rank reads to <output.dir>/audit/ (data audits, tests).
     record_audit: bool = False
+    # Batches a background thread tokenizes ahead of the training step (0: in the step).
+    # null: the default, 2. The batches and the checkpointed position are the same either way.
+    prefetch_batches: int | None = field(default=None, metadata=_range(0, 64))
 
 
 @dataclass

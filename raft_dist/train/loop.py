@@ -72,11 +72,6 @@ class Run:
     audit_lines: int | None = None  # lines in this rank's audit file after that flush
     hang_watch: HangWatch | None = None
 
-    @property
-    def streams(self) -> dict[str, Any]:
-        """The streams whose positions a checkpoint saves (eval restarts at each evaluation)."""
-        return {"train": self.train_stream}
-
 
 def train(recipe: Recipe) -> dict[str, Any]:
     # First of all, so that a preemption during the (slow) setup is not lost.
