@@ -10,6 +10,12 @@ of optimizer step WARMUP_STEPS to the end of the last step, wall clock, so every
 between two steps (fetching and tokenizing data, logging, callbacks) is inside it.
 
     python bench/throughput.py [--pairs 7] [--steps 40] [--quiet-wait 120] [--out bench/results]
+    python bench/throughput.py --model smollm2            # 3 pairs of 8 steps, micro batch 2
+
+`--model tiny` (the default) is the random 2-layer Llama, where the loop's own overhead shows
+most; `--model smollm2` is the embedded SmolLM2-135M-Instruct at RAFT lengths (the demo's
+examples, ~600-900 tokens with its tokenizer), where users live. A step of SmolLM2 costs about
+100 times one of the tiny model here, so it runs fewer, shorter pairs by default.
 """
 
 from __future__ import annotations
@@ -28,10 +34,26 @@ from typing import Any
 import common
 
 WARMUP_STEPS = 2
-DEFAULT_STEPS = 40
-DEFAULT_PAIRS = 7
-MICRO_BATCH_SIZE = 4
 MAX_SEQ_LEN = 1024
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """The model a throughput run trains, and the run sizes that fit it on 2 cores."""
+
+    name_or_path: str
+    micro_batch_size: int
+    steps: int
+    pairs: int
+
+
+MODELS: dict[str, BenchModel] = {
+    "tiny": BenchModel("builtin:tiny-llama", micro_batch_size=4, steps=40, pairs=7),
+    "smollm2": BenchModel("builtin:smollm2", micro_batch_size=2, steps=8, pairs=3),
+}
+DEFAULT_MODEL = "tiny"
+DEFAULT_STEPS = MODELS[DEFAULT_MODEL].steps
+DEFAULT_PAIRS = MODELS[DEFAULT_MODEL].pairs
 DEFAULT_QUIET_WAIT_S = 120.0
 LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
 # Ratio name -> (numerator loop, denominator loop, target the median must reach).
@@ -60,17 +82,18 @@ class LoopRun:
 # ---- shared inputs -------------------------------------------------------------------------
 
 
-def bench_overrides(steps: int, out_dir: Path) -> list[str]:
+def bench_overrides(steps: int, out_dir: Path, model: str = DEFAULT_MODEL) -> list[str]:
     """The tiny recipe reduced to pure training: no eval, no checkpoints, no trackers.
 
     The schedule is made constant so that all three loops run the very same optimisation (the
     Trainer and the bare loop then need no scheduler of their own to match the losses).
     """
     return [
+        f"model.name_or_path={MODELS[model].name_or_path}",
         f"data.train={common.DEMO_TRAIN}",
         f"training.max_steps={steps}",
         "training.gradient_accumulation_steps=1",
-        f"training.micro_batch_size={MICRO_BATCH_SIZE}",
+        f"training.micro_batch_size={MODELS[model].micro_batch_size}",
         "training.eval_every=0",
         "training.save_every=0",
         "training.warmup_steps=0",
@@ -88,10 +111,10 @@ def bench_overrides(steps: int, out_dir: Path) -> list[str]:
     ]
 
 
-def load_bench_recipe(steps: int, out_dir: Path) -> Any:
+def load_bench_recipe(steps: int, out_dir: Path, model: str = DEFAULT_MODEL) -> Any:
     from raft_dist.config import load_recipe
 
-    return load_recipe(common.TINY_RECIPE, bench_overrides(steps, out_dir))
+    return load_recipe(common.TINY_RECIPE, bench_overrides(steps, out_dir, model))
 
 
 def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
@@ -173,7 +196,7 @@ def seeded_model(recipe: Any) -> tuple[Any, Any]:
 # ---- a. the raft-dist loop -----------------------------------------------------------------
 
 
-def run_raft_dist(steps: int, tokens: list[int], work_dir: Path) -> LoopRun:
+def run_raft_dist(steps: int, tokens: list[int], work_dir: Path, model: str) -> LoopRun:
     """train() in this process; the timing comes from its own metrics.jsonl.
 
     elapsed_s is taken when a step is logged, after the step's gathers, so elapsed_s[N] -
@@ -184,7 +207,7 @@ def run_raft_dist(steps: int, tokens: list[int], work_dir: Path) -> LoopRun:
     from raft_dist.train.loop import train
 
     out_dir = Path(tempfile.mkdtemp(prefix="raft-", dir=work_dir))
-    recipe = load_bench_recipe(steps, out_dir)
+    recipe = load_bench_recipe(steps, out_dir, model)
     with contextlib.redirect_stdout(io.StringIO()):  # run card and summary
         train(recipe)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -342,12 +365,13 @@ def run_loop(
     tokens: list[int],
     work_dir: Path,
     threads: int,
+    model: str = DEFAULT_MODEL,
 ) -> LoopRun:
     """One timed run of one loop over `batches`, from a reset global state."""
     fresh_process_state(threads)
     before = common.cpu_reading()
     if loop == "raft_dist":
-        run = run_raft_dist(len(batches), tokens, work_dir)
+        run = run_raft_dist(len(batches), tokens, work_dir, model)
     elif loop == "bare_torch":
         run = run_bare_torch(recipe, batches, tokens)
     else:
@@ -357,7 +381,11 @@ def run_loop(
 
 
 def run_pairs(
-    pairs: int, steps: int, quiet_wait_s: float = 0.0, log: common.Log = print
+    pairs: int,
+    steps: int,
+    quiet_wait_s: float = 0.0,
+    log: common.Log = print,
+    model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
     """Alternate a, b, c `pairs` times on one batch list; return every run and the medians.
 
@@ -375,12 +403,12 @@ def run_pairs(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raft-bench-") as tmp:
         work_dir = Path(tmp)
-        recipe = load_bench_recipe(steps, work_dir / "unused")
+        recipe = load_bench_recipe(steps, work_dir / "unused", model)
         batches = materialize_batches(recipe, steps)
         tokens = [input_tokens(b) for b in batches]
         short = WARMUP_STEPS + 2
         for loop in LOOPS:
-            run_loop(loop, recipe, batches[:short], tokens[:short], work_dir, threads)
+            run_loop(loop, recipe, batches[:short], tokens[:short], work_dir, threads, model)
         runs: list[dict[str, LoopRun]] = []
         discarded: list[dict[str, LoopRun]] = []
         spent = 0.0  # of the quiet budget: waiting, and pairs measured again
@@ -389,7 +417,8 @@ def run_pairs(
                 spent += common.wait_for_quiet(quiet_wait_s - spent, log, pause_s=4.0)
             pair_started = time.perf_counter()
             result = {
-                loop: run_loop(loop, recipe, batches, tokens, work_dir, threads) for loop in LOOPS
+                loop: run_loop(loop, recipe, batches, tokens, work_dir, threads, model)
+                for loop in LOOPS
             }
             if pair_load(result) > common.QUIET_SHARE and spent < quiet_wait_s:
                 spent += time.perf_counter() - pair_started
@@ -398,7 +427,7 @@ def run_pairs(
                 continue
             runs.append(result)
             log(pair_line(len(runs) - 1, result))
-    summary = summarize(runs, steps, tokens, threads, time.perf_counter() - started)
+    summary = summarize(runs, steps, tokens, threads, time.perf_counter() - started, model)
     summary["discarded_pairs"] = [{loop: asdict(r[loop]) for loop in LOOPS} for r in discarded]
     summary["quiet_budget_spent_s"] = spent
     return summary
@@ -436,7 +465,12 @@ def max_loss_gap(runs: list[dict[str, LoopRun]]) -> dict[str, float]:
 
 
 def summarize(
-    runs: list[dict[str, LoopRun]], steps: int, tokens: list[int], threads: int, wall_s: float
+    runs: list[dict[str, LoopRun]],
+    steps: int,
+    tokens: list[int],
+    threads: int,
+    wall_s: float,
+    model: str = DEFAULT_MODEL,
 ) -> dict[str, Any]:
     per_pair = [ratios(r) for r in runs]
     medians = {name: common.median(p[name] for p in per_pair) for name in TARGETS}
@@ -444,10 +478,11 @@ def summarize(
     return {
         "unit": "non-pad input tokens per second (attention-mask sum), steady state",
         "settings": {
+            "model": MODELS[model].name_or_path,
             "pairs": len(runs),
             "steps": steps,
             "warmup_steps_excluded": WARMUP_STEPS,
-            "micro_batch_size": MICRO_BATCH_SIZE,
+            "micro_batch_size": MODELS[model].micro_batch_size,
             "gradient_accumulation_steps": 1,
             "max_seq_len": MAX_SEQ_LEN,
             "dtype": "float32",
@@ -485,7 +520,11 @@ def summarize(
 
 def report_lines(summary: dict[str, Any]) -> list[str]:
     """The human-readable part: medians, both ratios and their verdicts."""
-    lines = [f"throughput ({summary['unit']}), median of {summary['settings']['pairs']} pairs:"]
+    settings = summary["settings"]
+    lines = [
+        f"throughput of {settings['model']} ({summary['unit']}), "
+        f"median of {settings['pairs']} pairs:"
+    ]
     for loop in LOOPS:
         lines.append(
             f"  {loop:<11} {summary['median_tokens_per_s'][loop]:9.0f} tok/s"
@@ -521,8 +560,9 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL)
+    parser.add_argument("--pairs", type=int, help="default: 7 (tiny), 3 (smollm2)")
+    parser.add_argument("--steps", type=int, help="default: 40 (tiny), 8 (smollm2)")
     parser.add_argument(
         "--quiet-wait",
         type=float,
@@ -536,9 +576,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    summary = run_pairs(args.pairs, args.steps, args.quiet_wait)
+    model = MODELS[args.model]
+    summary = run_pairs(
+        args.pairs or model.pairs, args.steps or model.steps, args.quiet_wait, model=args.model
+    )
     print("\n".join(report_lines(summary)))
-    path = common.write_json(args.out / "throughput.json", summary)
+    name = "throughput.json" if args.model == DEFAULT_MODEL else f"throughput_{args.model}.json"
+    path = common.write_json(args.out / name, summary)
     print(f"written: {path}")
     return 0
 
