@@ -9,10 +9,16 @@ the same examples run unpacked (a test checks it).
 
 Plain-text fine-tuning (data.format=text) concatenates lines into full rows instead (`pack_rows`):
 there a row is a window of one continuous text, as in classic causal-LM training.
+
+Length grouping (data.group_by_length) is the cheap alternative to packing: examples stay one
+per row, but a window of them is sorted by length before it is cut into micro batches
+(`length_groups`), so the rows of a batch have similar lengths and little padding. Nothing
+about the attention or the positions changes.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import torch
@@ -138,3 +144,23 @@ def pack_rows(
         out.append((buffer_ids[:take], buffer_labels[:take]))
         del buffer_ids[:take], buffer_labels[:take]
     return out
+
+
+def length_groups(window: list[Row], *, batch_size: int, seed: str) -> list[list[Row]]:
+    """A window of examples as micro batches of similar lengths, in a seeded random order.
+
+    Sorted by token length, equal lengths in a seeded order (never by position, which would
+    tie the order to the shard layout), cut into batches of `batch_size` (the last one of a
+    short window may hold fewer), then the batches shuffled so that the longest ones do not
+    all come last. The same window and seed always give the same batches. The stream keeps
+    the batches not yet handed out in its saved position, so a resume never rebuilds a window.
+    """
+    rng = random.Random(seed)
+    ties = [rng.random() for _ in window]
+    order = sorted(range(len(window)), key=lambda i: (len(window[i][0]), ties[i]))
+    batches = [
+        [window[i] for i in order[start : start + batch_size]]
+        for start in range(0, len(order), batch_size)
+    ]
+    rng.shuffle(batches)
+    return batches

@@ -4,9 +4,9 @@ Sharding rule (one mechanism, nowhere else): the epoch's shards are concatenated
 order and rank r owns the contiguous record range [N*r/W, N*(r+1)/W). Ranges are disjoint and
 cover every record exactly once whatever the shard count; a rank reads only its own range
 (`rank_segments`, which the run card reports too). A rank's position is (epoch, records
-consumed, packing buffer), so it fits in a small JSON file and resuming skips lines without
-tokenizing them. The shards and their counts come from `raft_dist.data.check`, checked once
-per run; lines are read and parsed by `raft_dist.data.reader`.
+consumed, packing buffer, length-grouping window), so it fits in a JSON file and resuming skips
+lines without tokenizing them. The shards and their counts come from `raft_dist.data.check`,
+checked once per run; lines are read and parsed by `raft_dist.data.reader`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from raft_dist.config import Recipe
-from raft_dist.data.batching import Batch, collate, collate_packed, pack_examples, pack_rows
+from raft_dist.data.batching import (
+    Batch,
+    Row,
+    collate,
+    collate_packed,
+    length_groups,
+    pack_examples,
+    pack_rows,
+)
 from raft_dist.data.check import DataCheck
 from raft_dist.data.reader import Line, decode_text, iter_lines, parse_line
 from raft_dist.data.records import to_example
@@ -77,6 +85,11 @@ class StreamState:
     consumed: int = 0
     buffer_ids: list[int] = field(default_factory=list)
     buffer_labels: list[int] = field(default_factory=list)
+    # Length grouping: windows read so far this epoch (part of the next window's seed), and
+    # the micro batches of the current window not handed out yet. The examples in them are
+    # already counted in `consumed`, so they travel with the position, like the packing buffer.
+    window: int = 0
+    pending: list[list[Row]] = field(default_factory=list)
 
 
 @dataclass
@@ -89,6 +102,7 @@ class StreamSettings:
     skip_invalid: bool = False
     shuffle_shards: bool = False
     seed: int = 0
+    group_by_length: int = 0  # window in micro batches; 0: off
 
 
 class RankStream:
@@ -145,6 +159,10 @@ class RankStream:
             "consumed": self.state.consumed,
             "buffer_ids": list(self.state.buffer_ids),
             "buffer_labels": list(self.state.buffer_labels),
+            "window": self.state.window,
+            # Rows are never changed in place once made, so copying the lists that hold them
+            # is enough to keep this snapshot apart from the stream's later state.
+            "pending": [[[ids, labels] for ids, labels in batch] for batch in self.state.pending],
             "lengths": self.lengths.as_dict(),
             "skipped": self.skipped,
         }
@@ -163,6 +181,12 @@ class RankStream:
             consumed=state["consumed"],
             buffer_ids=list(state["buffer_ids"]),
             buffer_labels=list(state["buffer_labels"]),
+            # Absent from positions saved before length grouping existed: nothing pending.
+            window=state.get("window", 0),
+            pending=[
+                [(list(ids), list(labels)) for ids, labels in batch]
+                for batch in state.get("pending", [])
+            ],
         )
         self.lengths = LengthStats(**state["lengths"])
         self.skipped = state["skipped"]
@@ -237,12 +261,34 @@ class RankStream:
                 rows=settings.micro_batch_size,
             )
             return collate_packed(packed, pad_id=pad_id) if packed else None
+        if settings.group_by_length:
+            rows = self._next_group()
+            return collate(rows, pad_id=pad_id) if rows else None
         rows = []
         for ids, labels in self._examples:
             rows.append((ids, labels))
             if len(rows) == settings.micro_batch_size:
                 break
         return collate(rows, pad_id=pad_id) if rows else None
+
+    def _next_group(self) -> list[Row]:
+        """The next micro batch of the current length-grouped window; a new window is read
+        when the last one is used up. The last window of an epoch may be shorter."""
+        state, settings = self.state, self.settings
+        if not state.pending:
+            assert self._examples is not None
+            size = settings.group_by_length * settings.micro_batch_size
+            window: list[Row] = []
+            for example in self._examples:
+                window.append(example)
+                if len(window) == size:
+                    break
+            if not window:
+                return []
+            seed = f"{settings.seed}:{state.epoch}:{state.window}:length-groups"
+            state.pending = length_groups(window, batch_size=settings.micro_batch_size, seed=seed)
+            state.window += 1
+        return state.pending.pop(0)
 
 
 def build_streams(
@@ -265,6 +311,7 @@ def build_streams(
         skip_invalid=d.skip_invalid,
         shuffle_shards=d.shuffle_shards,
         seed=t.seed,
+        group_by_length=d.group_by_length or 0,
     )
     train = RankStream(
         data.splits["train"].shards,
@@ -279,7 +326,8 @@ def build_streams(
     held_out = RankStream(
         data.splits["eval"].shards,
         tokenizer,
-        replace(settings, shuffle_shards=False),
+        # Unsorted: eval_batches then caps the same examples whatever the grouping.
+        replace(settings, shuffle_shards=False, group_by_length=0),
         rank=rank,
         world_size=world_size,
     )
