@@ -256,3 +256,23 @@ def write_json(path: Path, payload: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
     return path
+
+
+def run_json_child(script: Path, args: list[str], label: str) -> dict[str, Any]:
+    """`python script *args --result FILE` in a fresh interpreter (so its peak RSS holds
+    nothing of earlier work); returns the JSON it wrote there, plus its wall time."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        result_path = Path(handle.name)
+    command = [sys.executable, str(script), *args, "--result", str(result_path)]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{label} failed (exit {done.returncode}):\n{done.stderr}")
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    finally:
+        result_path.unlink(missing_ok=True)
+    result["process_wall_s"] = time.perf_counter() - started
+    return result

@@ -12,10 +12,8 @@ target: the QLoRA base model's weight footprint is at most 0.3x the fp32 model's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,34 +92,9 @@ def run_variant(
     name: str, checkpoint: Path, seq_len: int, steps: int, warmup: int
 ) -> dict[str, Any]:
     """One variant in a fresh interpreter, so its peak RSS holds nothing of the others."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        result_path = Path(handle.name)
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
-        name,
-        "--checkpoint",
-        str(checkpoint),
-        "--seq-len",
-        str(seq_len),
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-        "--result",
-        str(result_path),
-    ]
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"variant {name} failed (exit {done.returncode}):\n{done.stderr}")
-        result = json.loads(result_path.read_text(encoding="utf-8"))
-    finally:
-        result_path.unlink(missing_ok=True)
-    result["process_wall_s"] = time.perf_counter() - started
-    return result
+    args = ["--child", name, "--checkpoint", str(checkpoint), "--seq-len", str(seq_len)]
+    args += ["--steps", str(steps), "--warmup", str(warmup)]
+    return common.run_json_child(Path(__file__).resolve(), args, f"variant {name}")
 
 
 def ratio(value: float | None, reference: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -9,33 +10,127 @@ from raft_dist.data.batching import block_causal_mask
 from raft_dist.data.tokenize import IGNORE_INDEX
 from raft_dist.distributed import sum_over_ranks
 
+# The loss is computed over chunks of this many logits (tokens x vocabulary), so the fp32
+# temporaries of one chunk (its upcast logits, log-softmax and their gradients, about four
+# tensors) stay near 4 x 32 MiB whatever the vocabulary: 65 tokens at Llama 3's 128k, 170 at
+# SmolLM2's 49k, 256 at 32k. Unchunked, a 2k-token row at 128k holds 1 GiB per fp32 tensor.
+# Smaller chunks only add a Python step per chunk (~0.1 ms against ~5 ms of softmax each).
+LOSS_CHUNK_ELEMENTS = 1 << 23
 
-def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Summed next-token cross entropy over target tokens, in fp32, and their count.
 
-    A sum, not a mean: the caller divides by the target tokens of the whole accumulation window
-    across ranks, so every token weighs the same whatever batch it fell into.
-    """
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per loss chunk for a vocabulary: LOSS_CHUNK_ELEMENTS logits, at least one token."""
+    return max(1, LOSS_CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+def _loss_spans(rows: int, targets: int, chunk: int) -> list[tuple[int, int, int]]:
+    """(row, start, stop) over the positions that predict a next token, chunk by chunk."""
+    return [
+        (row, start, min(start + chunk, targets))
+        for row in range(rows)
+        for start in range(0, targets, chunk)
+    ]
+
+
+@functools.cache
+def _chunked_loss_function() -> Any:
+    """The autograd Function behind chunked_token_loss (built on first use: torch is imported
+    lazily, so that importing this module stays cheap)."""
     import torch
     import torch.nn.functional as F
 
+    def chunk_loss(piece: Any, target: Any) -> Any:
+        return F.cross_entropy(piece, target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    class ChunkedTokenLoss(torch.autograd.Function):
+        """Summed cross entropy of logits[:, :-1] against targets, one chunk at a time.
+
+        Forward keeps nothing of a chunk but its loss; backward recomputes each chunk's
+        log-softmax from the saved logits (the model's dtype) and writes that chunk's gradient.
+        Plain chunking under autograd would save every chunk's fp32 log-softmax, i.e. the full
+        fp32 tensor again; this saves only the logits the model already produced.
+        """
+
+        @staticmethod
+        def forward(ctx: Any, logits: Any, targets: Any, chunk: int, overwrite: bool) -> Any:
+            total = torch.zeros((), dtype=torch.float64, device=logits.device)
+            spans = _loss_spans(logits.size(0), targets.size(1), chunk)
+            for row, start, stop in spans:
+                piece = logits[row, start:stop].float()
+                total += chunk_loss(piece, targets[row, start:stop])
+            ctx.save_for_backward(logits, targets)
+            ctx.spans, ctx.overwrite, ctx.done = spans, overwrite, False
+            return total.float()
+
+        @staticmethod
+        def backward(ctx: Any, grad_total: Any) -> Any:
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None
+            if ctx.overwrite and ctx.done:
+                raise RuntimeError(
+                    "chunked token loss: the logits were overwritten by their gradient in the "
+                    "first backward; a second backward through it is not possible"
+                )
+            logits, targets = ctx.saved_tensors
+            # Overwriting: each chunk's gradient depends on that chunk's logits only, so it can
+            # take their place; the full-size gradient then costs no memory of its own.
+            grad = logits if ctx.overwrite else torch.empty_like(logits)
+            grad[:, targets.size(1) :].zero_()  # the last position predicts nothing
+            for row, start, stop in ctx.spans:
+                # The same kernels as the unchunked loss (log-softmax, nll, their backward),
+                # applied to fewer rows: the gradient matches it, then is cast back as .float()'s
+                # backward would.
+                piece = logits[row, start:stop].detach().float().requires_grad_()
+                with torch.enable_grad():
+                    loss = chunk_loss(piece, targets[row, start:stop])
+                    (piece_grad,) = torch.autograd.grad(loss, piece, grad_total)
+                grad[row, start:stop].copy_(piece_grad)
+            ctx.done = True
+            return grad, None, None, None
+
+    return ChunkedTokenLoss
+
+
+def chunked_token_loss(
+    logits: Any, labels: Any, chunk_tokens: int | None = None, *, overwrite: bool = False
+) -> Any:
+    """Summed next-token cross entropy of (B, L, V) logits against labels shifted by one, in
+    fp32, computed over chunks of chunk_tokens positions (default: loss_chunk_tokens(V)).
+
+    overwrite=True lets backward write the logits' gradient into the logits tensor itself,
+    chunk by chunk: only for logits nothing else reads afterwards (token_loss_sum's own).
+    """
+    chunk = chunk_tokens or loss_chunk_tokens(logits.size(-1))
+    return _chunked_loss_function().apply(logits, labels[:, 1:], chunk, overwrite)
+
+
+def model_logits(model: Any, batch: dict[str, Any]) -> Any:
+    """The model's (B, L, V) logits for a batch, plain or packed."""
     if "sequence_ids" in batch:  # packed rows: examples apart (data/batching.py)
-        logits = model(
+        return model(
             input_ids=batch["input_ids"],
             attention_mask=block_causal_mask(batch["sequence_ids"]),
             position_ids=batch["position_ids"],
             use_cache=False,
         ).logits
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed next-token cross entropy over target tokens, in fp32, and their count.
+
+    A sum, not a mean: the caller divides by the target tokens of the whole accumulation window
+    across ranks, so every token weighs the same whatever batch it fell into. The loss is taken
+    chunk by chunk (chunked_token_loss), never upcasting all logits at once: unchunked, a
+    2k-token row at a 128k vocabulary holds 1 GiB of fp32 logits plus as much for backward.
+    """
+    import torch
+
+    logits = model_logits(model, batch)
+    # The model's output is ours alone (the model object returned with it is dropped here), so
+    # backward may overwrite it with its gradient.
+    loss = chunked_token_loss(logits, batch["labels"], overwrite=True)
     targets = batch["labels"][:, 1:]
-    logits = logits[:, :-1].float()
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
     return loss, (targets != IGNORE_INDEX).sum().to(torch.float64)
 
 

@@ -1,0 +1,199 @@
+"""The chunked token loss equals the unchunked one (loss and every parameter gradient) at any
+chunk boundary, with ignored targets, packed rows and bf16 logits, and saves no vocabulary-wide
+fp32 tensor for backward (the memory it exists to save)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from raft_dist import evaluate
+from raft_dist.data.batching import collate, collate_packed
+from raft_dist.data.tokenize import IGNORE_INDEX
+from raft_dist.evaluate import chunked_token_loss, model_logits, token_loss_sum
+
+VOCAB = 211  # odd, so that no chunk of tokens is a power of two of logits
+SEQ = 17  # 16 positions predict a next token
+
+
+def tiny_model(dtype: torch.dtype = torch.float32) -> Any:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(dtype).train()
+
+
+def reference_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """token_loss_sum as it was before chunking: all logits upcast, one cross entropy."""
+    targets = batch["labels"][:, 1:]
+    logits = model_logits(model, batch)[:, :-1].float()
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, (targets != IGNORE_INDEX).sum().to(torch.float64)
+
+
+def plain_batch(rows: int = 2, seq: int = SEQ, seed: int = 1) -> dict[str, Any]:
+    """Rows of different lengths (right padding) whose prompt tokens are not targets."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for row in range(rows):
+        length = seq - 3 * row
+        ids = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        prompt = 4 + row
+        examples.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return collate(examples, pad_id=0)
+
+
+def packed_batch(seed: int = 2) -> dict[str, Any]:
+    """Two rows holding two and three examples, the way the packed stream builds them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def example(length: int, prompt: int) -> tuple[list[int], list[int]]:
+        ids = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+
+    rows = [[example(9, 3), example(8, 2)], [example(5, 1), example(6, 4), example(4, 2)]]
+    return collate_packed(rows, pad_id=0)
+
+
+def loss_and_grads(fn: Any, model: Any, batch: dict[str, Any]) -> tuple[Any, Any, dict]:
+    model.zero_grad(set_to_none=True)
+    loss, count = fn(model, batch)
+    # The loop's scaling: a gradient of the mean over the window, not of the sum.
+    (loss * (1.0 / 37.0)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), count, grads
+
+
+def assert_same(model: Any, batch: dict[str, Any]) -> None:
+    ref_loss, ref_count, ref_grads = loss_and_grads(reference_loss_sum, model, batch)
+    loss, count, grads = loss_and_grads(token_loss_sum, model, batch)
+    assert loss.dtype == torch.float32
+    assert count.dtype == torch.float64 and float(count) == float(ref_count)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0.0)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in ref_grads.items():
+        scale = float(grad.float().abs().max()) or 1.0
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def use_chunks(monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
+    monkeypatch.setattr(evaluate, "LOSS_CHUNK_ELEMENTS", tokens * VOCAB)
+    assert evaluate.loss_chunk_tokens(VOCAB) == tokens
+
+
+# 16 target positions per row: chunks longer than a row, exactly a row, not dividing it, one.
+@pytest.mark.parametrize("chunk", [64, SEQ - 1, 5, 1])
+def test_loss_and_gradients_equal_the_unchunked_loss(monkeypatch, chunk: int) -> None:
+    use_chunks(monkeypatch, chunk)
+    model = tiny_model()
+    batch = plain_batch()
+    assert (batch["labels"] == IGNORE_INDEX).any()
+    assert_same(model, batch)
+
+
+@pytest.mark.parametrize("chunk", [64, 3])
+def test_packed_rows_equal_the_unchunked_loss(monkeypatch, chunk: int) -> None:
+    use_chunks(monkeypatch, chunk)
+    assert_same(tiny_model(), packed_batch())
+
+
+@pytest.mark.parametrize("chunk", [64, 6])
+def test_bf16_logits_equal_the_upcast_reference(monkeypatch, chunk: int) -> None:
+    use_chunks(monkeypatch, chunk)
+    model = tiny_model(torch.bfloat16)
+    logits = model(input_ids=plain_batch()["input_ids"]).logits
+    assert logits.dtype == torch.bfloat16
+    assert_same(model, plain_batch())
+    assert_same(model, packed_batch())
+
+
+def test_default_chunk_covers_a_real_vocabulary() -> None:
+    assert evaluate.loss_chunk_tokens(128_256) == 65
+    assert evaluate.loss_chunk_tokens(49_152) == 170
+    assert evaluate.loss_chunk_tokens(10**9) == 1
+
+
+def test_no_grad_evaluation_equals_the_reference(monkeypatch) -> None:
+    use_chunks(monkeypatch, 4)
+    model = tiny_model().eval()
+    batch = packed_batch()
+    with torch.no_grad():
+        loss, count = token_loss_sum(model, batch)
+        ref_loss, ref_count = reference_loss_sum(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0.0)
+    assert float(count) == float(ref_count)
+
+
+def test_row_without_targets_gives_zero_loss_and_gradient() -> None:
+    logits = torch.randn(1, 1, VOCAB, requires_grad=True)
+    loss = chunked_token_loss(logits, torch.zeros(1, 1, dtype=torch.long), 4)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(logits.grad.abs().max()) == 0.0
+
+
+def test_overwritten_logits_refuse_a_second_backward() -> None:
+    weight = torch.randn(8, VOCAB, requires_grad=True)
+    logits = (torch.randn(1, 6, 8) @ weight).contiguous()
+    labels = torch.randint(0, VOCAB, (1, 6))
+    loss = chunked_token_loss(logits, labels, 2, overwrite=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def vocabulary_wide_saves(fn: Any, model: Any, batch: dict[str, Any]) -> list[tuple]:
+    """Tensors with a vocabulary-sized last dimension that the forward saves for backward,
+    other than the model's logits themselves: (dtype, numel) of each."""
+    outputs: list[torch.Tensor] = []
+    hook = model.register_forward_hook(lambda _m, _i, out: outputs.append(out.logits))
+    saved: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = fn(model, batch)
+    finally:
+        hook.remove()
+    (logits,) = outputs
+    # The model's own (its output head's weight) and the logits are not the loss's saves.
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own.add(logits.untyped_storage().data_ptr())
+    wide = [
+        (t.dtype, t.numel())
+        for t in saved
+        if t.dim() and t.size(-1) == VOCAB and t.untyped_storage().data_ptr() not in own
+    ]
+    loss.backward()  # the saved logits are used (and overwritten) only now
+    return wide
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_fp32_logits_are_saved_for_backward(monkeypatch, dtype: torch.dtype) -> None:
+    use_chunks(monkeypatch, 4)
+    model, batch = tiny_model(dtype), plain_batch()
+    # The check can fail: the unchunked loss saves its fp32 log-softmax of every position.
+    reference = vocabulary_wide_saves(reference_loss_sum, model, batch)
+    assert sum(numel for _, numel in reference) >= 2 * (SEQ - 1) * VOCAB
+    assert all(saved_dtype == torch.float32 for saved_dtype, _ in reference)
+    # Chunked: nothing vocabulary-wide but the logits the model returned, not even per chunk.
+    assert vocabulary_wide_saves(token_loss_sum, model, batch) == []
