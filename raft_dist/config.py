@@ -54,6 +54,12 @@ class DataConfig:
     # apart: positions restart and attention is block-diagonal, so the loss and gradients
     # equal unpacked training; an example is never split across rows.
     packing: bool = False
+    # Length grouping, a cheaper alternative to packing: read a window of this many micro
+    # batches of examples, sort them by token length (seeded order among equal lengths), cut
+    # them into micro batches and train those in a seeded random order. Less padding, the same
+    # examples and the same number of batches per epoch; 0 or null: off. Not with packing or
+    # format=text.
+    group_by_length: int | None = field(default=0, metadata=_range(0, 4096))
     # Skip malformed records (counted in the run summary) instead of stopping at the first one.
     skip_invalid: bool = False
     # New shard order every epoch (seeded); records inside a shard keep their order.
@@ -112,6 +118,12 @@ class TrainingConfig:
     log_every: int = field(default=1, metadata=_range(1))
     # null: on for QLoRA (quantization.mode != none), off otherwise.
     gradient_checkpointing: bool | None = None
+    # Compile the model's forward with torch.compile (after the model is built, before
+    # accelerator.prepare): true = torch's default shapes (static; one recompile with dynamic
+    # shapes at the first new batch width), "dynamic" = dynamic=True from the start, for
+    # variable-length batches. null/false: eager. Refused under DeepSpeed. The first steps
+    # (and the first evaluation) pay the compilation: seconds on a GPU, minutes on a CPU.
+    compile: Literal[False, True, "dynamic"] | None = None
     # Where DeepSpeed keeps the ops it compiles on first use (TORCH_EXTENSIONS_DIR);
     # null keeps the environment's value or ~/.cache/torch_extensions.
     ops_cache_dir: str | None = None
@@ -449,6 +461,18 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(
             "training.max_steps is required with data.packing=true or data.format=text: the "
             "number of packed rows is only known after tokenizing the whole data set"
+        )
+    if recipe.data.group_by_length and recipe.data.packing:
+        raise ConfigError(
+            f"data.group_by_length={recipe.data.group_by_length} cannot be combined with "
+            "data.packing=true: packed rows are already full, there is no padding to group "
+            "away; choose one (data.group_by_length=0 or data.packing=false)"
+        )
+    if recipe.data.group_by_length and recipe.data.format == "text":
+        raise ConfigError(
+            f"data.group_by_length={recipe.data.group_by_length} does not apply to "
+            "data.format=text: text rows are cut from one continuous text and all have "
+            "data.max_seq_len tokens; set data.group_by_length=0"
         )
     if recipe.quantization.mode != "none" and not recipe.lora.enabled:
         raise ConfigError(

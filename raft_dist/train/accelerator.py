@@ -110,3 +110,47 @@ def quantized_device_map(live: LiveSetup) -> Any:
     if live.device.startswith("cuda") and live.engine != "deepspeed":
         return {"": live.device}
     return None
+
+
+def check_compile(recipe: Recipe, live: LiveSetup) -> bool:
+    """Whether training.compile asks for compilation; refuses what cannot work. Cheap: setup
+    calls it before the model loads, so a refused combination costs no model load."""
+    setting = recipe.training.compile
+    if setting is None or setting is False:
+        return False
+    if setting is not True and setting != "dynamic":  # YAML 1 equals True to a Literal check
+        raise ConfigError(f"training.compile: {setting!r} is not one of: false, true, dynamic")
+    if live.engine == "deepspeed":
+        raise ConfigError(
+            "training.compile under DeepSpeed: the DeepSpeed engine wraps the model and hooks its "
+            "parameters after the compiled graph was built; use a DDP or single-process profile "
+            "with training.compile, or training.compile=false with DeepSpeed"
+        )
+    return True
+
+
+def compile_model(model: Any, recipe: Recipe, live: LiveSetup) -> bool:
+    """training.compile: compile the model's forward with torch.compile, in place.
+
+    nn.Module.compile() keeps the module itself (torch.compile(model) would wrap it in an
+    OptimizedModule whose state_dict keys all start with `_orig_mod.`, so that checkpoints and
+    exported models would not load into an eager model). Called after the model is built (and
+    wrapped by peft) and before accelerator.prepare: DDP then wraps the compiled module and syncs
+    its gradients as usual. DeepSpeed is refused: its engine wraps and hooks the parameters
+    (ZeRO-3 gathers them in forward hooks), which a graph compiled beforehand does not see.
+    Returns whether the model was compiled.
+    """
+    if not check_compile(recipe, live):
+        return False
+    setting = recipe.training.compile
+    # true: torch's default (static shapes, made dynamic after the first shape change);
+    # "dynamic": dynamic shapes from the start, for variable-length batches.
+    model.compile(dynamic=True if setting == "dynamic" else None)
+    return True
+
+
+def compile_description(model: Any, setting: Any) -> str | None:
+    """The run card's line: from the live module (is its forward compiled?), None when eager."""
+    if getattr(model, "_compiled_call_impl", None) is None:
+        return None
+    return "torch.compile, " + ("dynamic=True" if setting == "dynamic" else "default shapes")

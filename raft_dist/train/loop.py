@@ -108,7 +108,13 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     from raft_dist.data.check import checked_data_for_run
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
-    from raft_dist.train.accelerator import live_setup, make_accelerator, quantized_device_map
+    from raft_dist.train.accelerator import (
+        check_compile,
+        compile_model,
+        live_setup,
+        make_accelerator,
+        quantized_device_map,
+    )
     from raft_dist.train.checkpoint import load_checkpoint, register_adapter_checkpointing
     from raft_dist.train.deepspeed import fill_deepspeed_batch, model_init_context
     from raft_dist.train.metrics import MetricsLog, configure_logging
@@ -130,6 +136,7 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
             "training.nonfinite=skip under DeepSpeed: its optimizer step runs inside backward, "
             "before a non-finite gradient can be seen; use training.nonfinite=stop"
         )
+    check_compile(recipe, live)  # refused before anything loads (applied after the model)
     for warning in cpu_warnings(live) if accelerator.is_main_process else []:
         log.warning(warning)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -151,6 +158,9 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
         model = build_training_model(recipe, tokenizer, device_map=quantized_device_map(live))
     if recipe.lora.enabled:
         register_adapter_checkpointing(accelerator)
+    # training.compile: the forward compiled in place, before prepare wraps the model (DDP) and
+    # without a wrapper module, so checkpoints and exports keep their plain parameter names.
+    compile_model(model, recipe, live)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
     audit_lines = trim_audit(paths, rank, resume_from) if d.record_audit else None

@@ -35,8 +35,10 @@ from raft_dist.train.checkpoint import (
 from raft_dist.train.manifest import problem_with, read_manifest
 
 # Recipe keys a resume may change: they decide where output goes, what is logged or when the
-# run pauses, never which updates the weights get.
+# run pauses, never which updates the weights get (training.compile changes how the same
+# updates are computed, at most their rounding).
 MAY_CHANGE = (
+    "training.compile",
     "training.resume",
     "training.resume_with_changed_recipe",
     "training.stop_after_steps",

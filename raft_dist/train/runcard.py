@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raft_dist.config import Recipe
-from raft_dist.train.accelerator import LiveSetup
+from raft_dist.train.accelerator import LiveSetup, compile_description
 
 
 def render_run_card(
@@ -23,8 +23,11 @@ def render_run_card(
 ) -> str:
     t = recipe.training
     effective = t.micro_batch_size * t.gradient_accumulation_steps * live.world_size
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Under ZeRO-3 a rank's parameters are empty placeholders: ds_numel is the whole size.
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trainable = sum(
+        getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad
+    )
     engine = live.engine + (f" (ZeRO-{live.zero_stage})" if live.zero_stage is not None else "")
     rows = [
         ("world size", f"{live.world_size} process(es) on {live.num_machines} machine(s)"),
@@ -32,6 +35,11 @@ def render_run_card(
         ("precision", f"weights {recipe.model.dtype}, mixed precision {live.mixed_precision}"),
         ("quantization", recipe.quantization.mode),
         ("LoRA", f"r={recipe.lora.r}" if recipe.lora.enabled else "off"),
+        *(
+            [("compile", compiled)]
+            if (compiled := compile_description(model, t.compile)) is not None
+            else []
+        ),
         ("model", f"{recipe.model.name_or_path}: {params:,} params, {trainable:,} trainable"),
         *(
             [("remote code", "ON: model.trust_remote_code runs the model repository's Python")]
@@ -49,6 +57,7 @@ def render_run_card(
             f"up to {effective * recipe.data.max_seq_len:,} "
             f"(max_seq_len {recipe.data.max_seq_len})",
         ),
+        ("rows", _row_layout(recipe.data)),
         (
             "data",
             f"{records:,} train records; shards per rank {shards_per_rank} (this epoch); "
@@ -73,3 +82,16 @@ def _footprint_mib(model: Any) -> float:
     if footprint is None:  # a peft wrapper: ask the base model
         footprint = model.get_base_model().get_memory_footprint
     return footprint() / 2**20
+
+
+def _row_layout(data: Any) -> str:
+    """How examples become rows: what decides how much of each step is padding."""
+    if data.format == "text":
+        return f"plain text in full rows of {data.max_seq_len} tokens"
+    if data.packing:
+        return "packed: whole examples per row, block-diagonal attention"
+    if data.group_by_length:
+        return (
+            f"one example per row, grouped by length in windows of {data.group_by_length} batches"
+        )
+    return "one example per row, padded to the longest in its batch"
