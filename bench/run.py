@@ -22,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli_startup  # noqa: E402
 import common  # noqa: E402
+import compile_bench  # noqa: E402
 import eval_bench  # noqa: E402
 import lora_bench  # noqa: E402
+import memory_bench  # noqa: E402
+import packing_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
 from common import Row  # noqa: E402
@@ -52,14 +55,15 @@ def cli_rows(result: dict[str, Any]) -> list[Row]:
 
 
 def throughput_rows(result: dict[str, Any]) -> list[Row]:
+    model = result["settings"].get("model", "builtin:tiny-llama").removeprefix("builtin:")
     rows: list[Row] = [
-        (f"{loop} tok/s (median)", f"{result['median_tokens_per_s'][loop]:.0f}", "", "")
+        (f"{loop} tok/s, {model} (median)", f"{result['median_tokens_per_s'][loop]:.0f}", "", "")
         for loop in throughput.LOOPS
     ]
     for name, verdict in result["targets"].items():
         rows.append(
             (
-                f"{name} (median ratio)",
+                f"{name}, {model} (median ratio)",
                 f"{verdict['median']:.3f} ({verdict['range'][0]:.2f}-{verdict['range'][1]:.2f})",
                 f">= {verdict['target']}",
                 verdict["verdict"],
@@ -73,6 +77,19 @@ BENCHMARKS = [
     Benchmark(
         "throughput",
         lambda a: throughput.run_pairs(a.pairs, a.steps, a.quiet_wait, log=common.progress),
+        throughput_rows,
+    ),
+    Benchmark(
+        # Where users live: the embedded SmolLM2 at RAFT lengths (fewer, shorter pairs: a step
+        # costs ~100 tiny ones).
+        "throughput_smollm2",
+        lambda a: throughput.run_pairs(
+            a.smollm2_pairs,
+            throughput.MODELS["smollm2"].steps,
+            a.quiet_wait,
+            log=common.progress,
+            model="smollm2",
+        ),
         throughput_rows,
     ),
     Benchmark(
@@ -94,6 +111,23 @@ BENCHMARKS = [
             log=common.progress,
         ),
         eval_bench.report_rows,
+    ),
+    Benchmark(
+        "compile",
+        lambda a: compile_bench.measure(quiet_wait_s=a.quiet_wait, log=common.progress),
+        compile_bench.report_rows,
+    ),
+    Benchmark(
+        "packing",
+        lambda a: packing_bench.measure(log=common.progress),
+        packing_bench.report_rows,
+    ),
+    Benchmark(
+        # Peak RSS of a SmolLM2 step with/without gradient checkpointing (fp32), and of the
+        # token loss with/without chunking at a 128k vocabulary; a fresh process per figure.
+        "memory",
+        lambda a: memory_bench.measure(log=common.progress),
+        memory_bench.report_rows,
     ),
 ]
 
@@ -136,6 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=throughput.DEFAULT_PAIRS)
     parser.add_argument("--steps", type=int, default=throughput.DEFAULT_STEPS)
+    parser.add_argument(
+        "--smollm2-pairs", type=int, default=throughput.MODELS["smollm2"].pairs, metavar="N"
+    )
     parser.add_argument("--runs", type=int, default=cli_startup.DEFAULT_RUNS)
     parser.add_argument(
         "--quiet-wait",
@@ -174,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         results[bench.name] = bench.measure(args)
         results[bench.name]["bench_wall_s"] = time.perf_counter() - bench_started
         rows.extend(bench.rows(results[bench.name]))
-    if "throughput" in results:
-        print("\n".join(throughput.report_lines(results["throughput"])))
+    for name in ("throughput", "throughput_smollm2"):
+        if name in results:
+            print("\n".join(throughput.report_lines(results[name])))
     if "zero" in results:
         print("\n\n".join(zero_bench.report_lines(results["zero"])))
     if "eval" in results:

@@ -1,12 +1,14 @@
-"""ZeRO-1/2/3 and ZeRO-2 offload against DDP: step time and peak memory per rank, in one run.
+"""ZeRO-1/2/3 (ZeRO-3 also built partitioned) and ZeRO-2 offload against DDP: memory and step time.
 
-    .venv/bin/python bench/zero_bench.py [--steps 6] [--rounds 2] [--quiet-wait S] [--out DIR]
+    .venv/bin/python bench/zero_bench.py [--steps 6] [--rounds 1] [--quiet-wait S] [--out DIR]
 
-Every run is a real 2-process `raft-dist launch` of the same recipe (a random 30M-parameter
-Llama, fp32, CPU) with only the profile changed. Step times come from each run's
-metrics.jsonl, peak memory from the ranks' own ranks/rank{R}_peak.json. Both are printed next
-to the per-rank memory the ZeRO paper (Rajbhandari et al. 2020) expects for parameters,
-gradients and optimizer states.
+Every run is a real 2-process `raft-dist launch` of the same recipe (a random 108M-parameter
+Llama, fp32, CPU, short synthetic examples) with only the profile changed. Step times come from
+each run's metrics.jsonl, peak memory from the ranks' own ranks/rank{R}_peak.json, the memory
+held between steps from sampling the ranks' RSS. Each stage's saving against DDP is printed
+next to the saving the ZeRO paper's formula (Rajbhandari et al. 2020) predicts for parameters,
+gradients and optimizer states, with the ratio measured / predicted. Target: ZeRO-3 built
+partitioned (zero3_init_flag: true) saves at least 70 % of the predicted amount.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -35,29 +38,42 @@ PROFILES: dict[str, str] = {
     "zero1": "deepspeed_zero1",
     "zero2": "deepspeed_zero2",
     "zero3": "deepspeed_zero3",
+    "zero3_init": "deepspeed_zero3_init",
     "zero2_offload": "deepspeed_zero2_offload",
 }
 # ZeRO stage each profile partitions with (DDP replicates everything: stage 0).
-STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero2_offload": 2}
+STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_init": 3, "zero2_offload": 2}
 RANKS = 2
 WARMUP_STEPS = 2
 DEFAULT_STEPS = 6
-DEFAULT_ROUNDS = 2
+DEFAULT_ROUNDS = 1
+# ZeRO-3 built partitioned must save at least this share of what the formula predicts.
+TARGET_SHARE_OF_PREDICTED = 0.70
+TARGET_PROFILE = "zero3_init"
+ZERO3_JSON = ROOT / "ds_configs" / "zero3.json"
 SAMPLE_EVERY_S = 0.25
 
-# Wide enough that the model states (16 bytes per parameter in fp32) stand out from the
-# ~0.5 GiB that Python, torch, transformers and DeepSpeed take in every rank; small enough
-# that 10 two-process launches fit in a few minutes on 2 cores. Untied embeddings: every
-# parameter is partitioned once, the count the formulas assume.
+# Big enough that the savings (ZeRO-3: 8 bytes x 108M = 830 MiB per rank) stand far above
+# the run-to-run noise of RSS (tens of MiB) and the ~0.5 GiB runtime every rank holds; the
+# examples are short (below) so that 6 two-process launches fit in about 6 minutes on 2 cores.
+# Untied embeddings: every parameter is partitioned once, the count the formulas assume.
 MODEL_SHAPE: dict[str, Any] = {
-    "hidden_size": 512,
-    "intermediate_size": 1536,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
     "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 1024,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "max_position_embeddings": 512,
     "tie_word_embeddings": False,
 }
+# Short synthetic instruction/output examples (about 100-170 tokens with the tiny tokenizer):
+# the activations stay small next to the model states, and a step takes seconds.
+DATA_RECORDS = 64
+MAX_SEQ_LEN = 256
+WORDS = (
+    "harbour tide mill ferry lantern cheese market bell library school weather station north "
+    "south island reach wheel stone river festival ledger copper salt green red blue"
+).split()
 MODEL_SEED = 20240601
 
 # Bytes per parameter: (parameters, gradients, optimizer states K).
@@ -90,19 +106,32 @@ def build_model(folder: Path) -> int:
     return parameters
 
 
+def write_data(path: Path) -> Path:
+    """DATA_RECORDS seeded instruction/output examples in one JSONL file."""
+    import random
+
+    rng = random.Random(MODEL_SEED)
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(DATA_RECORDS):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 70)))
+            answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16)))
+            record = {"id": f"z{index:03d}", "instruction": f"{words}\nQuestion: which?"}
+            handle.write(json.dumps({**record, "output": answer}) + "\n")
+    return path
+
+
 def write_recipe(path: Path, model_dir: Path, steps: int) -> Path:
-    """configs/tiny.yaml with the bench model and short, eval-free, save-free runs."""
+    """configs/tiny.yaml with the bench model, short examples and eval-free, save-free runs."""
     import yaml
 
     recipe = yaml.safe_load(common.TINY_RECIPE.read_text(encoding="utf-8"))
     recipe["model"] = {"name_or_path": str(model_dir), "dtype": "float32"}
-    # With the tiny tokenizer the demo prompts are 579-655 tokens and whole examples 654-746:
-    # max_seq_len 768 keeps every example whole (512 would drop them all).
-    recipe["data"].update({"train": str(common.DEMO_TRAIN), "max_seq_len": 768})
+    data = write_data(path.parent / "train.jsonl")
+    recipe["data"].update({"train": str(data), "max_seq_len": MAX_SEQ_LEN})
     recipe["training"].update(
         {
             "micro_batch_size": 1,
-            "gradient_accumulation_steps": 2,
+            "gradient_accumulation_steps": 1,
             "max_steps": steps,
             "eval_every": 0,
             "eval_at_start": False,
@@ -143,17 +172,30 @@ class Run:
         return common.median(self.step_s)
 
 
-def env_for_launch() -> dict[str, str]:
-    """The environment the tests launch with: offline, one thread per rank on 2 cores."""
+# glibc serves blocks below its mmap threshold from the heap, and the threshold grows (up to
+# 32 MiB) each time a larger mmapped block is freed; freed heap memory mostly stays resident.
+# ZeRO-3 gathers and frees every weight (here up to 11 MiB each) twice a step, so with the
+# default its between-step RSS holds the allocator's cache, not live tensors. A fixed 1 MiB
+# threshold, the same for every profile, returns such blocks to the system when freed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
+
+
+def env_for_launch(malloc_default: bool = False) -> dict[str, str]:
+    """The environment the tests launch with: offline, one thread per rank on 2 cores; glibc's
+    mmap threshold fixed (MALLOC_ENV) unless malloc_default."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if not malloc_default:
+        env.update(MALLOC_ENV)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // RANKS)))
     for key in [k for k in env if k.startswith("RAFT_DIST_EXPECT_")]:
         env.pop(key)
     return env
 
 
-def launch(name: str, round_: int, recipe: Path, run_dir: Path, steps: int) -> Run:
+def launch(
+    name: str, round_: int, recipe: Path, run_dir: Path, steps: int, malloc_default: bool = False
+) -> Run:
     """One 2-process launch; its output goes to run_dir/launch.log."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
@@ -172,7 +214,9 @@ def launch(name: str, round_: int, recipe: Path, run_dir: Path, steps: int) -> R
     with (run_dir / "launch.log").open("w", encoding="utf-8") as log:
         log.write(" ".join(command) + "\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=ROOT, env=env_for_launch(), stdout=log, stderr=log)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env_for_launch(malloc_default), stdout=log, stderr=log
+        )
         sampler = RankMemorySampler(process.pid, run_dir / "metrics.jsonl", steps)
         sampler.start()
         returncode = process.wait()
@@ -401,7 +445,99 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
             "floor_minus_baseline_mib": floor - base,
             "expected_model_states_mib": expected[name],
         }
-    return {"parameters": params, "ranks": RANKS, "baseline": baseline, "profiles": profiles}
+    return {
+        "parameters": params,
+        "ranks": RANKS,
+        "baseline": baseline,
+        "profiles": profiles,
+        "savings": savings(ok, expected),
+        "persistence_threshold": persistence_threshold(),
+        "partitioned_builds": partitioned_builds(ok),
+    }
+
+
+def savings(ok: list[Run], expected: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per profile: how much less each rank holds between steps than under DDP (floor RSS, max
+    over ranks, DDP run of the same round) against the fp32 formula's prediction.
+
+    predicted = (DDP's model states - the stage's model states), per rank, in MiB: the runtime,
+    activations and buffers are in both floors and cancel out of the difference."""
+    by_round: dict[int, dict[str, Run]] = {}
+    for run in ok:
+        if run.floor_rss_mib:
+            by_round.setdefault(run.round, {})[run.name] = run
+    ddp_states = expected["ddp"]["fp32_this_run"]
+    result: dict[str, Any] = {}
+    for name in PROFILES:
+        if name == "ddp":
+            continue
+        predicted = ddp_states - expected[name]["fp32_this_run"]
+        measured = [
+            max(rnd["ddp"].floor_rss_mib.values()) - max(rnd[name].floor_rss_mib.values())
+            for rnd in by_round.values()
+            if name in rnd and "ddp" in rnd
+        ]
+        result[name] = {
+            "measured_mib": common.median(measured),
+            "measured_mib_per_round": [round(m, 1) for m in measured],
+            "predicted_mib": predicted,
+            "measured_over_predicted": common.median(measured) / predicted,
+            "measured_over_predicted_per_round": [round(m / predicted, 3) for m in measured],
+        }
+    return result
+
+
+def persistence_threshold() -> int:
+    """stage3_param_persistence_threshold as ds_configs/zero3.json sets it (elements)."""
+    zero = json.loads(ZERO3_JSON.read_text(encoding="utf-8"))["zero_optimization"]
+    return int(zero.get("stage3_param_persistence_threshold", 100_000))
+
+
+BUILD_LINE = re.compile(
+    r"zero3 init: rank (\d+)/\d+ built the model partitioned, holds (\d+) of (\d+) parameter "
+    r"elements .*?; (\d+) parameters \((\d+) elements\) are at most"
+)
+
+
+def partitioned_builds(ok: list[Run]) -> list[dict[str, int]]:
+    """What each rank of the zero3_init runs said it held right after construction."""
+    found = []
+    for run in ok:
+        if run.name != TARGET_PROFILE:
+            continue
+        text = (Path(run.run_dir) / "launch.log").read_text(encoding="utf-8", errors="replace")
+        for rank, local, total, persistent, persistent_el in BUILD_LINE.findall(text):
+            found.append(
+                {
+                    "round": run.round,
+                    "rank": int(rank),
+                    "local_elements": int(local),
+                    "elements": int(total),
+                    "persistent_parameters": int(persistent),
+                    "persistent_elements": int(persistent_el),
+                }
+            )
+    return found
+
+
+def savings_table(summary: dict[str, Any]) -> str:
+    header = ("profile", "saving vs DDP MiB", "predicted MiB", "measured / predicted", "per round")
+    rows = [
+        (
+            name,
+            f"{s['measured_mib']:.0f}",
+            f"{s['predicted_mib']:.0f}",
+            f"{s['measured_over_predicted']:.2f}",
+            " / ".join(f"{r:.2f}" for r in s["measured_over_predicted_per_round"]),
+        )
+        for name, s in summary["savings"].items()
+    ]
+    return common.markdown_table(header, rows)
+
+
+def target_verdict(summary: dict[str, Any]) -> tuple[float, bool]:
+    share = summary["savings"][TARGET_PROFILE]["measured_over_predicted"]
+    return share, share >= TARGET_SHARE_OF_PREDICTED
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -501,6 +637,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="before each run, wait up to S seconds for other load to leave the CPU",
     )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc's dynamic mmap threshold on (see MALLOC_ENV): ZeRO-3's floor then "
+        "includes the allocator's cache of freed gather buffers",
+    )
     parser.add_argument("--probe-baseline", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_baseline is None and args.steps <= WARMUP_STEPS + 1:
@@ -516,6 +658,7 @@ def measure(
     quiet_wait: float = 0.0,
     out: Path = common.RESULTS,
     log: common.Log = print,
+    malloc_default: bool = False,
 ) -> dict[str, Any]:
     """All launches of one invocation; writes zero.json and zero.png, returns what it wrote.
 
@@ -542,7 +685,8 @@ def measure(
     for round_ in range(rounds):
         for name in round_order(round_):
             waited = common.wait_for_quiet(quiet_wait)
-            run = launch(name, round_, recipe, runs_root / f"r{round_}_{name}", steps)
+            run_dir = runs_root / f"r{round_}_{name}"
+            run = launch(name, round_, recipe, run_dir, steps, malloc_default)
             runs.append(run)
             status = "ok" if run.returncode == 0 else f"FAILED rc={run.returncode}"
             peak = max(run.peak_rss_mib.values()) if run.peak_rss_mib else float("nan")
@@ -567,6 +711,7 @@ def measure(
         "model_seed": MODEL_SEED,
         "bytes_per_param": {"fp32_this_run": FP32_ADAM, "paper_mixed_precision": PAPER_MIXED},
         "load_avg_at_end": os.getloadavg(),
+        "malloc_env": {} if malloc_default else MALLOC_ENV,
         "contended_runs": [
             f"r{r.round + 1} {r.name}" for r in runs if r.foreign_cpu_share > common.QUIET_SHARE
         ],
@@ -583,7 +728,36 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     """The table and what its columns mean."""
     summary, steps = payload["summary"], payload["steps"]
     baseline = summary["baseline"]
-    lines = [table(summary)]
+    lines = [table(summary), savings_table(summary)]
+    share, met = target_verdict(summary)
+    lines.append(
+        f"target: {TARGET_PROFILE} (ZeRO-3, model built partitioned) saves at least "
+        f"{TARGET_SHARE_OF_PREDICTED:.0%} of the predicted saving: measured / predicted = "
+        f"{share:.2f}, " + ("met" if met else "NOT met")
+    )
+    builds = summary["partitioned_builds"]
+    if builds:
+        b = builds[0]
+        lines.append(
+            f"{TARGET_PROFILE}: right after construction each rank held "
+            + ", ".join(f"{x['local_elements'] / x['elements']:.1%}" for x in builds)
+            + f" of the {b['elements'] / 1e6:.1f}M parameter elements"
+        )
+    lines.append(
+        "saving = DDP's floor RSS minus the profile's (max over ranks, same round); predicted = "
+        "the ZeRO paper's per-rank model states in fp32, (P+G+K)Ψ for DDP minus the stage's "
+        "(P=4, G=4, K=8 bytes per parameter: Adam exp_avg + exp_avg_sq; ZeRO-1 saves KΨ/2, "
+        "ZeRO-2 (G+K)Ψ/2, ZeRO-3 (P+G+K)Ψ/2 on 2 ranks); the runtime, activations and buffers "
+        "are in both floors and cancel. stage3_param_persistence_threshold = "
+        f"{summary['persistence_threshold']} elements (ds_configs/zero3.json): ZeRO-3 holds "
+        "parameters up to that size whole on every rank while training"
+        + (
+            f" ({b['persistent_parameters']} parameters, {b['persistent_elements']} elements "
+            "in this model)"
+            if builds
+            else ""
+        )
+    )
     if payload["contended_runs"]:
         lines.append(
             f"other processes took over {common.QUIET_SHARE:.0%} of the CPU during: "
@@ -598,14 +772,28 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
         f"the model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB; imports alone "
         f"{baseline['runtime_rss_mib']:.0f} MiB); peak = ranks' ru_maxrss, floor = lowest RSS "
         f"sampled every {SAMPLE_EVERY_S} s during steps {WARMUP_STEPS + 1}-{steps}; "
-        "states = parameters + gradients + optimizer states per rank"
+        "states = parameters + gradients + optimizer states per rank; glibc: "
+        + (
+            " ".join(f"{k}={v}" for k, v in payload["malloc_env"].items())
+            if payload.get("malloc_env")
+            else "defaults (--malloc-default)"
+        )
+        + " in every rank"
     )
     return lines
 
 
 def report_rows(payload: dict[str, Any]) -> list[common.Row]:
-    """(metric, value, target, verdict) rows for bench/run.py's table; there is no target."""
-    rows = []
+    """(metric, value, target, verdict) rows for bench/run.py's table."""
+    share, met = target_verdict(payload["summary"])
+    rows = [
+        (
+            f"{TARGET_PROFILE} saving vs DDP / predicted",
+            f"{share:.2f}",
+            f">= {TARGET_SHARE_OF_PREDICTED:.2f}",
+            "met" if met else "NOT met",
+        )
+    ]
     for name, p in payload["summary"]["profiles"].items():
         exp = p["expected_model_states_mib"]
         rows.append((f"{name} step time / DDP", f"{p['ratio_to_ddp']:.2f}", "", ""))
@@ -626,7 +814,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_baseline is not None:
         print(json.dumps(probe_baseline(args.probe_baseline)))
         return 0
-    payload = measure(args.steps, args.rounds, args.quiet_wait, args.out, common.progress)
+    payload = measure(
+        args.steps, args.rounds, args.quiet_wait, args.out, common.progress, args.malloc_default
+    )
     print()
     print("\n\n".join(report_lines(payload)))
     print(f"total {payload['wall_s']:.0f} s")

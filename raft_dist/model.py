@@ -125,7 +125,79 @@ def load_model(
 
     With `quantization` (a transformers BitsAndBytesConfig) the frozen base loads quantized;
     a built-in is first built in full precision, then reloaded quantized from a temp folder.
+    Under a ZeRO-3 profile with zero3_init_flag: true the model is built partitioned.
     """
+    from raft_dist.train.deepspeed import zero3_init_active
+
+    if zero3_init_active():
+        model = _load_partitioned(cfg, tokenizer, quantization)
+    else:
+        model = _load(cfg, tokenizer, quantization, device_map)
+    check_tied_embeddings(model)
+    return model
+
+
+def check_tied_embeddings(model: Any) -> None:
+    """With config.tie_word_embeddings the output head must BE the input embedding (one
+    Parameter). A tied model saves the embedding only, so a separate head with other values
+    was filled by no checkpoint: training would start, silently, from other weights than DDP's.
+    Every rank checks right after loading, under every profile, and stops the run. A separate
+    head holding the same values passes (a load that copies the head)."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    source, head = getattr(inputs, "weight", None), getattr(outputs, "weight", None)
+    if source is None or head is None or head is source:
+        return
+    if not _same_values(source, head):
+        raise RuntimeError(
+            "config.tie_word_embeddings is true but the output head "
+            f"({type(outputs).__name__}.weight) is not the input embedding and holds other "
+            "values: the model would train from other weights than it was saved with"
+        )
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    from contextlib import nullcontext
+
+    import torch
+
+    partitioned = [p for p in (a, b) if hasattr(p, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        gathered: Any = deepspeed.zero.GatheredParameters(partitioned)
+    else:
+        gathered = nullcontext()
+    with gathered, torch.no_grad():
+        if a.shape != b.shape or not (a.is_floating_point() and b.is_floating_point()):
+            return False
+        return torch.equal(a, b.to(a.dtype))
+
+
+def _load_partitioned(cfg: ModelConfig, tokenizer: Any, quantization: Any) -> Any:
+    """transformers builds the model inside deepspeed.zero.Init (from_config: each weight is
+    drawn, then sharded; from_pretrained: each tensor is loaded into its shards), so no rank
+    ever holds the whole model. The build is checked and reported on every rank."""
+    from raft_dist.train.deepspeed import (
+        built_whole,
+        refuse_quantization_under_init,
+        report_partitioned_build,
+    )
+
+    if quantization is not None:
+        refuse_quantization_under_init()
+    if cfg.name_or_path == BUILTIN_PREFIX + BUNDLED_PRETRAINED:
+        with built_whole():  # its first use converts the GGUF file to a folder, whole, once
+            resolve_pretrained(cfg.name_or_path)
+    model = _load(cfg, tokenizer, None, None)
+    report_partitioned_build(model)
+    return model
+
+
+def _load(cfg: ModelConfig, tokenizer: Any, quantization: Any, device_map: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch_dtype(cfg.dtype)

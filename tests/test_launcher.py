@@ -23,6 +23,7 @@ EXPECTED = {  # profile -> (world size, engine, sets ACCELERATE_USE_CPU)
     "deepspeed_zero2": (2, "deepspeed", False),
     "deepspeed_zero2_offload": (2, "deepspeed", False),
     "deepspeed_zero3": (2, "deepspeed", False),
+    "deepspeed_zero3_init": (2, "deepspeed", False),
     "deepspeed_zero3_offload": (2, "deepspeed", False),
     "multi_node_deepspeed_zero3": (2, "deepspeed", False),
 }
@@ -31,6 +32,7 @@ STAGES = {
     "deepspeed_zero2": 2,
     "deepspeed_zero2_offload": 2,
     "deepspeed_zero3": 3,
+    "deepspeed_zero3_init": 3,
     "deepspeed_zero3_offload": 3,
     "multi_node_deepspeed_zero3": 3,
 }
