@@ -16,11 +16,10 @@
 #                                            # --budget-s S (default 540): checks that no longer
 #                                            # fit are skipped with a line instead of cut off
 #
-# On the lent device machine (the working tree is copied there and the command runs from the
-# repository root; what is written under $OUT comes back):
-#   run(command="bash bench/gpu_check.sh", timeout_s=600)   -> results in $OUT/gpu_check/
-# The device allows 15 minutes in all, start-up included, and 600 s per command: keep
-# --budget-s (default 540 s for the checks) below the timeout_s of the call.
+# On a GPU machine with a copy of this tree, from the repository root:
+#   OUT=/some/results bash bench/gpu_check.sh   -> results in /some/results/gpu_check/
+# Under a job time limit, keep --budget-s (default 540 s for the checks) below it: the
+# checks are ordered so that the most valuable finish first.
 # Needs python with torch (CUDA), transformers, peft, accelerate; bitsandbytes and deepspeed are
 # optional. Set PYTHON to pick the interpreter. Outputs go to $OUT/gpu_check, else --out DIR,
 # else bench/results/gpu_check (bench/results/gpu_check_dry for --dry-run).
