@@ -392,7 +392,8 @@ def _coerce(key: str, hint: Any, value: Any, meta: typing.Mapping[str, Any]) -> 
                 errors.append(exc)
         raise errors[-1]
     if origin is Literal:
-        if value not in args:
+        # By type too: YAML's 1 equals True (and 0 False), which a bool choice must not take.
+        if not any(type(value) is type(a) and value == a for a in args):
             allowed = ", ".join(str(a) for a in args)
             raise ConfigError(f"{key}: {value!r} is not one of: {allowed}")
         return value

@@ -115,11 +115,8 @@ def quantized_device_map(live: LiveSetup) -> Any:
 def check_compile(recipe: Recipe, live: LiveSetup) -> bool:
     """Whether training.compile asks for compilation; refuses what cannot work. Cheap: setup
     calls it before the model loads, so a refused combination costs no model load."""
-    setting = recipe.training.compile
-    if setting is None or setting is False:
+    if not recipe.training.compile:  # null or false (config.py allows only these, true, dynamic)
         return False
-    if setting is not True and setting != "dynamic":  # YAML 1 equals True to a Literal check
-        raise ConfigError(f"training.compile: {setting!r} is not one of: false, true, dynamic")
     if live.engine == "deepspeed":
         raise ConfigError(
             "training.compile under DeepSpeed: the DeepSpeed engine wraps the model and hooks its "
