@@ -104,33 +104,80 @@ def chunked_token_loss(
     return _chunked_loss_function().apply(logits, labels[:, 1:], chunk, overwrite)
 
 
-def model_logits(model: Any, batch: dict[str, Any]) -> Any:
-    """The model's (B, L, V) logits for a batch, plain or packed."""
+def model_logits(model: Any, batch: dict[str, Any], keep: int | None = None) -> Any:
+    """The model's (B, L, V) logits for a batch, plain or packed; with `keep`, only those of the
+    last `keep` positions (B, keep, V): the model then never multiplies the other positions'
+    hidden states by its output matrix."""
+    kwargs = {} if keep is None else {"logits_to_keep": keep}
     if "sequence_ids" in batch:  # packed rows: examples apart (data/batching.py)
         return model(
             input_ids=batch["input_ids"],
             attention_mask=block_causal_mask(batch["sequence_ids"]),
             position_ids=batch["position_ids"],
             use_cache=False,
+            **kwargs,
         ).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+    ).logits
 
 
-def token_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM inside model's wrappers (DDP or a DeepSpeed engine: .module; PEFT:
+    get_base_model(), which passes the keyword on) accepts `logits_to_keep`."""
+    for _ in range(4):
+        inner = getattr(model, "module", None)
+        if inner is None and hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
+        if inner is None or inner is model:
+            break
+        model = inner
+    return _forward_takes_logits_to_keep(type(model))
+
+
+def first_predicting_position(labels: Any) -> int:
+    """The first position whose logits predict a target token (labels shifted by one) in any
+    row; the row length minus one when there is none (only the last position is kept then)."""
+    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
+    found = has_target.nonzero()
+    return int(found[0, 0]) if found.numel() else labels.size(1) - 1
+
+
+def token_loss_sum(model: Any, batch: dict[str, Any], *, trim: bool = True) -> tuple[Any, Any]:
     """Summed next-token cross entropy over target tokens, in fp32, and their count.
 
     A sum, not a mean: the caller divides by the target tokens of the whole accumulation window
     across ranks, so every token weighs the same whatever batch it fell into. The loss is taken
     chunk by chunk (chunked_token_loss), never upcasting all logits at once: unchunked, a
     2k-token row at a 128k vocabulary holds 1 GiB of fp32 logits plus as much for backward.
+
+    trim: logits only from the first position that predicts a target on (`logits_to_keep`,
+    where the model takes it). A RAFT prompt (documents and question) is most of a row and is
+    never a target, so its output-matrix products and its log-softmax over the vocabulary
+    (forward and backward) were pure waste: SmolLM2's output matrix is a fifth of its forward
+    FLOPs. The loss and every gradient are the same; only the work on ignored positions goes.
+    Off for fixed-shape torch.compile, where each new length would be a recompile.
     """
     import torch
 
-    logits = model_logits(model, batch)
+    labels = batch["labels"]
+    keep = None
+    if trim and takes_logits_to_keep(model):
+        first = first_predicting_position(labels)
+        if first > 0:
+            keep, labels = labels.size(1) - first, labels[:, first:]
+    logits = model_logits(model, batch, keep)
     # The model's output is ours alone (the model object returned with it is dropped here), so
     # backward may overwrite it with its gradient.
-    loss = chunked_token_loss(logits, batch["labels"], overwrite=True)
-    targets = batch["labels"][:, 1:]
+    loss = chunked_token_loss(logits, labels, overwrite=True)
+    targets = labels[:, 1:]
     return loss, (targets != IGNORE_INDEX).sum().to(torch.float64)
 
 

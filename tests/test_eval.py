@@ -161,6 +161,54 @@ def test_base_shared_by_several_models_loads_once(tmp_path: Path, monkeypatch) -
     assert len(loads) == 1
 
 
+def test_merged_adapter_decodes_like_the_adapter_and_leaves_the_base_exact(
+    tmp_path: Path,
+) -> None:
+    """The adapter is merged for its turn; the base's weights come back bit for bit."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from raft_dist.config import ModelConfig
+    from raft_dist.evaluation.models import ModelCache, ModelSpec
+    from raft_dist.model import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=TINY, dtype="bfloat16")
+    tok = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    base = load_model(cfg, tok)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    lora.save_pretrained(tmp_path / "adapter")
+
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    cache = ModelCache("cpu", "bfloat16")
+    plain = ModelSpec.parse(str(tmp_path / "base"))
+    adapted = ModelSpec.parse(f"{tmp_path / 'base'}+{tmp_path / 'adapter'}")
+    with cache.use(plain) as (model, _tok), torch.no_grad():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        base_logits = model(ids).logits.float()
+    with cache.use(adapted) as (model, _tok), torch.no_grad():
+        assert not any("lora" in name for name, _ in model.named_modules())  # merged
+        merged_logits = model(ids).logits.float()
+        saved_base = ModelConfig(name_or_path=str(tmp_path / "base"), dtype="bfloat16")
+        reference = PeftModel.from_pretrained(
+            load_model(saved_base, tok).eval(), str(tmp_path / "adapter")
+        ).eval()
+        unmerged_logits = reference(ids).logits.float()
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-2)  # the adapter acts
+    scale = unmerged_logits.abs().max()
+    torch.testing.assert_close(merged_logits, unmerged_logits, rtol=0, atol=0.05 * scale)
+    with cache.use(plain) as (model, _tok):
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_eval_on_two_processes_scores_every_question_once(tmp_path: Path) -> None:
     """accelerate launch, 2 CPU processes: disjoint parts, gathered, each question once."""
     records = write_eval_set(tmp_path / "set.jsonl", 7)

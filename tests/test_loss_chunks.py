@@ -197,3 +197,53 @@ def test_no_fp32_logits_are_saved_for_backward(monkeypatch, dtype: torch.dtype) 
     assert all(saved_dtype == torch.float32 for saved_dtype, _ in reference)
     # Chunked: nothing vocabulary-wide but the logits the model returned, not even per chunk.
     assert vocabulary_wide_saves(token_loss_sum, model, batch) == []
+
+
+def test_prompt_positions_never_reach_the_output_matrix() -> None:
+    """RAFT rows are mostly prompt: the loss asks only for the logits from the first position
+    that predicts a target on, and loss and gradients stay those of the full logits."""
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for prompt, answer in ((30, 6), (22, 9), (41, 4)):
+        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=generator).tolist()
+        rows.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    batch = collate(rows, pad_id=0)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
+    try:
+        assert_same(model, batch)
+    finally:
+        hook.remove()
+    width = batch["input_ids"].size(1)
+    # reference (all 45 positions), then token_loss_sum: from position 21, which predicts the
+    # first target (index 22 of the second row), to the end.
+    assert seen == [width, width - 21]
+    assert evaluate.first_predicting_position(batch["labels"]) == 21
+
+
+def test_wrapped_models_still_trim() -> None:
+    """PEFT (get_base_model) and DDP/DeepSpeed (.module) wrappers pass logits_to_keep on."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model()
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapper = torch.nn.Module()
+    wrapper.module = lora  # the shape of DDP and DeepSpeed's engine
+    assert evaluate.takes_logits_to_keep(model)
+    assert evaluate.takes_logits_to_keep(lora)
+    assert evaluate.takes_logits_to_keep(wrapper)
+    batch = plain_batch()
+    ref_loss, _, ref_grads = loss_and_grads(reference_loss_sum, lora, batch)
+    loss, _, grads = loss_and_grads(token_loss_sum, lora, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0.0)
+    assert grads.keys() == ref_grads.keys() and any("lora_A" in name for name in grads)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_no_target_keeps_one_position() -> None:
+    labels = torch.full((2, 7), IGNORE_INDEX)
+    assert evaluate.first_predicting_position(labels) == 6
+    labels[1, 1] = 5  # the first label is never predicted; the second is, by position 0
+    assert evaluate.first_predicting_position(labels) == 0

@@ -325,7 +325,9 @@ def _fit_steps(run: Run, feed: Any) -> Stop | None:
                         f"gradient sync on micro-batch {index + 1} of {accum}: Accelerate's "
                         "accumulation counter and the loop's window disagree"
                     )
-                micro_loss, _ = token_loss_sum(model, batch)
+                # Fixed-shape compile keeps every position: trimming the prompt's logits would
+                # give each batch its own length, and each length its own compile.
+                micro_loss, _ = token_loss_sum(model, batch, trim=t.compile is not True)
                 accelerator.backward(micro_loss * scale)
                 loss_sum += micro_loss.detach().double()
                 if accelerator.sync_gradients:
