@@ -37,8 +37,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile | $(BIN)/python
 # model against the fine-tuned one on held-out questions about the trained documents
 # (data/demo's eval split) and on 4 documents never trained on (data/demo/unseen).
 DEMO_PIPELINE := data/demo_source/trained --config configs/demo.yaml --profile cpu \
-	--out runs/demo --train-extra data/demo/train --questions-per-chunk 3 --eval-fraction 0 \
-	--eval-data held-out=data/demo --eval-data unseen=data/demo/unseen --robustness-limit 4
+	--out runs/demo --train-extra data/demo/train --chunk-size 500 --questions-per-chunk 3 --eval-fraction 0 \
+	--eval-data held-out=data/demo --eval-data unseen=data/demo/unseen --robustness-limit 4 \
+	--eval-batch-size 16
 
 demo: install
 	$(BIN)/raft-dist pipeline $(DEMO_PIPELINE)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+from throughput import materialize_batches
 
 DEFAULT_REPS = 5
 DEFAULT_STEPS = 4  # timed micro-batch steps per variant and repetition
@@ -34,30 +35,12 @@ TARGET_SPEEDUP = 1.10  # the prompt is ~85% of a demo row; the output matrix ~20
 def demo_batches(count: int) -> tuple[Any, list[dict[str, Any]]]:
     """The demo recipe and `count` micro-batches of its training data, as the loop makes them."""
     from raft_dist.config import load_recipe
-    from raft_dist.data.check import check_data
-    from raft_dist.data.streaming import build_streams
-    from raft_dist.model import load_tokenizer
 
     recipe = load_recipe(
         common.ROOT / "configs/demo.yaml",
         [f"data.train={common.DEMO_TRAIN}", "data.eval=null", "training.micro_batch_size=2"],
     )
-    stream, _ = build_streams(
-        recipe,
-        load_tokenizer(recipe.model),
-        check_data(recipe.data),
-        rank=0,
-        world_size=1,
-        seen_ids=None,
-    )
-    batches = []
-    while len(batches) < count:
-        batch = stream.next_batch()
-        if batch is None:
-            stream.start_epoch(stream.state.epoch + 1)
-            continue
-        batches.append(batch)
-    return recipe, batches
+    return recipe, materialize_batches(recipe, count)
 
 
 def lora_model(recipe: Any) -> Any:

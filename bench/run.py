@@ -27,6 +27,7 @@ import eval_bench  # noqa: E402
 import lora_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import packing_bench  # noqa: E402
+import prompt_logits_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
 from common import Row  # noqa: E402
@@ -121,6 +122,12 @@ BENCHMARKS = [
         "packing",
         lambda a: packing_bench.measure(log=common.progress),
         packing_bench.report_rows,
+    ),
+    Benchmark(
+        # The demo's LoRA step with all logits against the prompt's trimmed (logits_to_keep).
+        "prompt_logits",
+        lambda a: prompt_logits_bench.measure(quiet_wait_s=a.quiet_wait, log=common.progress),
+        prompt_logits_bench.report_rows,
     ),
     Benchmark(
         # Peak RSS of a SmolLM2 step with/without gradient checkpointing (fp32), and of the

@@ -14,7 +14,7 @@ between two steps (fetching and tokenizing data, logging, callbacks) is inside i
 
 `--model tiny` (the default) is the random 2-layer Llama, where the loop's own overhead shows
 most; `--model smollm2` is the embedded SmolLM2-135M-Instruct at RAFT lengths (the demo's
-examples, ~600-900 tokens with its tokenizer), where users live. A step of SmolLM2 costs about
+examples, ~430-580 tokens with its tokenizer), where users live. A step of SmolLM2 costs about
 100 times one of the tiny model here, so it runs fewer, shorter pairs by default.
 """
 

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
 """Build the demo's hand-written RAFT data set in data/demo/ from data/demo_source/.
 
-Deterministic (random.Random(1234)), standard library only.  Run from anywhere:
+Deterministic (random.Random(1234)).  Run from anywhere with the project installed:
 
     python data/build_demo.py
 
 Reads the markdown documents in data/demo_source/trained/ (20, the domain the demo
 fine-tunes on) and data/demo_source/unseen/ (4, never trained on) and the 120
 hand-written question/answer pairs in qa.json, turns every pair into one RAFT record
-(oracle document + distractors, chain-of-thought answer quoting the oracle) and
+(oracle chunk + distractor chunks, chain-of-thought answer quoting the oracle) and
 writes three splits:
 
   train   3 questions per trained document (60)
   eval    the other 2 questions per trained document (40): held-out questions on
           documents the model was trained on (RAFT's setting: known domain, new questions)
   unseen  the 20 questions on the unseen documents: documents never trained on
+
+The documents a record shows are chunks, cut by the same chunker and chunk size as
+the demo's `raft-dist generate --chunk-size 500` (about one paragraph each): the
+hand-written and the generated examples then show the model the same units of text,
+and so does `raft-dist ask --corpus` on these folders.
 
 JSONL shards plus manifest.json are written atomically, re-read and checked
 (no held-out question and no unseen document in train); exits non-zero with a
@@ -27,13 +32,19 @@ import os
 import random
 import re
 import sys
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the project's chunker, also from a bare checkout
+
+from raft_dist.generate.chunking import load_corpus  # noqa: E402
+
 SRC_DIR = os.path.join(HERE, "demo_source")
 GROUPS = ("trained", "unseen")  # sub-folders of SRC_DIR
 OUT_DIR = os.path.join(HERE, "demo")
 
 SEED = 1234
+CHUNK_SIZE = 500  # characters; the Makefile's DEMO_PIPELINE passes the same --chunk-size
 NUM_DISTRACTORS = 3
 P_ORACLE = 0.8
 HELD_OUT_PER_DOC = 2  # of the 5 questions per trained document
@@ -141,6 +152,33 @@ def load_documents():
     return names, docs
 
 
+def load_chunks(docs):
+    """'NAME#i' -> {title, text, group}: the chunks `raft-dist generate` cuts from each document."""
+    chunks = {}
+    for name, doc in docs.items():
+        path = Path(SRC_DIR, doc["group"], name)
+        for i, chunk in enumerate(load_corpus([path], CHUNK_SIZE).chunks):
+            chunks[f"{name}#{i}"] = {
+                "title": chunk.title,
+                "text": chunk.text,
+                "group": doc["group"],
+            }
+    return chunks
+
+
+def place_quotes(qa, chunks):
+    """Each question's oracle is the one chunk of its document that holds its quote."""
+    for i, item in enumerate(qa):
+        holders = [
+            n
+            for n in chunks
+            if n.startswith(item["doc"] + "#") and item["quote"] in chunks[n]["text"]
+        ]
+        if len(holders) != 1:
+            fail(f"qa.json[{i}]: quote found in {len(holders)} chunks of {item['doc']}, not 1")
+        item["chunk"] = holders[0]
+
+
 def load_qa(docs):
     with open(os.path.join(SRC_DIR, "qa.json"), encoding="utf-8") as f:
         qa = json.load(f)
@@ -181,7 +219,7 @@ def render_instruction(documents, question):
 
 
 def make_record(rng, item, docs, pool_names):
-    oracle_name = item["doc"]
+    oracle_name = item["chunk"]
     pool = [n for n in pool_names if n != oracle_name]
     with_oracle = rng.random() < P_ORACLE
     if with_oracle:
@@ -338,10 +376,13 @@ def verify(manifest, docs, held_out_questions):
 def build():
     names, docs = load_documents()
     qa = load_qa(docs)
+    chunks = load_chunks(docs)
+    place_quotes(qa, chunks)
     rng = random.Random(SEED)
     trained = [n for n in names if docs[n]["group"] == "trained"]
-    if len(trained) < NUM_DISTRACTORS + 2:
-        fail("not enough trained documents to draw distractors from")
+    trained_chunks = [n for n in chunks if chunks[n]["group"] == "trained"]
+    if len(trained_chunks) < NUM_DISTRACTORS + 2:
+        fail("not enough trained chunks to draw distractors from")
 
     by_doc = {}
     for item in qa:
@@ -357,11 +398,11 @@ def build():
     for item in qa:
         if docs[item["doc"]]["group"] == "unseen":
             # Distractors from every document: only the oracle must be new to the model.
-            splits["unseen"].append(make_record(rng, item, docs, names))
+            splits["unseen"].append(make_record(rng, item, chunks, list(chunks)))
         elif item["question"] in held_out:
-            splits["eval"].append(make_record(rng, item, docs, trained))
+            splits["eval"].append(make_record(rng, item, chunks, trained_chunks))
         else:
-            splits["train"].append(make_record(rng, item, docs, trained))
+            splits["train"].append(make_record(rng, item, chunks, trained_chunks))
     number = 0
     for records in splits.values():
         rng.shuffle(records)
@@ -376,6 +417,7 @@ def build():
             "name": GENERATOR_NAME,
             "seed": SEED,
             "num_distractors": NUM_DISTRACTORS,
+            "chunk_size": CHUNK_SIZE,
             "p_oracle": P_ORACLE,
             "held_out_per_document": HELD_OUT_PER_DOC,
             # Held-out questions share their documents with train questions by design.
@@ -392,7 +434,7 @@ def build():
     data = (json.dumps(manifest, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     atomic_write(os.path.join(OUT_DIR, "manifest.json"), data)
 
-    verify(manifest, docs, held_out)
+    verify(manifest, chunks, held_out)
     counts = ", ".join(f"{split} {len(records)}" for split, records in splits.items())
     missing = sum(1 for r in sum(splits.values(), []) if r["oracle_index"] is None)
     unseen = sorted(n for n in names if docs[n]["group"] == "unseen")

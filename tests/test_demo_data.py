@@ -31,7 +31,15 @@ def training_records(tmp_path: Path) -> list[dict]:
     args = demo_pipeline_args()
     sources = [a for a in args if not a.startswith("-") and a not in _option_values(args)]
     generate_args = []
-    for name in ("--questions-per-chunk", "--num-distractors", "--seed", "--eval-fraction"):
+    generate_options = (
+        "--chunk-size",
+        "--questions-per-chunk",
+        "--num-distractors",
+        "--p-oracle",
+        "--seed",
+        "--eval-fraction",
+    )
+    for name in generate_options:
         for value in option(args, name):
             generate_args += [name, value]
     out = tmp_path / "generated"
@@ -75,3 +83,28 @@ def test_held_out_questions_and_unseen_documents_are_not_trained_on(tmp_path: Pa
     unseen = load_eval_set(str(ROOT / eval_specs[1]))
     unseen_text = " ".join(doc.read_text() for doc in unseen_docs)
     assert all(i.oracle is None or i.oracle[:40] in " ".join(unseen_text.split()) for i in unseen)
+
+
+def test_hand_written_records_show_the_generators_chunks() -> None:
+    """The hand-written splits (data/build_demo.py) show the model the very chunks that
+    `make demo`'s generate step cuts, at the Makefile's --chunk-size: one unit of text in the
+    generated training data, the hand-written training data and the held-out sets."""
+    from raft_dist.generate.chunking import find_sources, load_corpus
+
+    (chunk_size,) = option(demo_pipeline_args(), "--chunk-size")
+    corpus = load_corpus(
+        find_sources(
+            [str(ROOT / "data/demo_source/trained"), str(ROOT / "data/demo_source/unseen")]
+        ),
+        int(chunk_size),
+    )
+    chunks = {chunk.text for chunk in corpus.chunks}
+    records = [
+        json.loads(line)
+        for shard in sorted((ROOT / "data/demo").glob("*/shard-*.jsonl"))
+        for line in shard.read_text(encoding="utf-8").splitlines()
+    ]
+    assert len(records) == 120
+    shown = [doc["text"] for r in records for doc in r["documents"]]
+    assert [text for text in shown if text not in chunks] == []
+    assert all(r["oracle"] in chunks for r in records)

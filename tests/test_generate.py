@@ -136,6 +136,17 @@ def test_chunks_keep_sentences_whole_and_respect_the_size() -> None:
         assert after.startswith(last) and after != last
 
 
+def test_a_chunk_at_least_half_full_ends_with_its_paragraph() -> None:
+    first = ["The first paragraph opens here.", "It has a second sentence of some length."]
+    second = ["The next paragraph starts.", "Its second sentence closes it."]
+    paragraphs = [" ".join(first), " ".join(second)]
+    size = len(paragraphs[0]) + 1 + len(second[0]) + 5  # room for one more sentence
+    assert 2 * len(paragraphs[0]) >= size
+    assert chunk_paragraphs(paragraphs, size) == paragraphs  # not first + second[0], second[1]
+    # A chunk under half full still takes the next paragraph's sentences.
+    assert chunk_paragraphs(["Tiny one.", paragraphs[1]], size) == ["Tiny one.\n" + paragraphs[1]]
+
+
 def test_abbreviations_and_initials_do_not_end_a_sentence() -> None:
     from raft_dist.generate.chunking import split_sentences
 

@@ -3,9 +3,9 @@
 BASE is a model folder, a hub id or a `builtin:` name; ADAPTER a PEFT adapter folder (a
 LoRA/QLoRA run's final/). Several specs on one base share one loaded base: an adapter is put on
 for its turn and taken off again. For its turn a LoRA adapter on plain float weights is merged
-into them (decoding then runs the plain model: the unmerged adapter adds two small matmuls to
-every targeted layer at every generated token, which on a CPU cost about as much as the layer
-itself), and the base's own weights are copied back, bit for bit, when the turn ends.
+into them (decoding then runs the plain model: unmerged, the adapter adds two small matmuls and
+their Python calls to every targeted layer at every generated token), and the base's own
+weights are copied back, bit for bit, when the turn ends.
 """
 
 from __future__ import annotations

@@ -286,7 +286,9 @@ def _pieces(sentence: str, limit: int) -> list[str]:
 def chunk_paragraphs(paragraphs: Sequence[str], chunk_size: int, overlap: int = 0) -> list[str]:
     """Greedy packing of whole sentences into chunks of at most `chunk_size` characters.
 
-    Sentences of one paragraph are joined by a space, paragraphs by a newline. With `overlap`,
+    Sentences of one paragraph are joined by a space, paragraphs by a newline. A chunk that is
+    at least half full ends where a paragraph ends, so chunks follow the author's units rather
+    than cutting the next paragraph after its first sentences. With `overlap`,
     a chunk starts with up to that many trailing sentences of the previous one (fewer when they
     would not leave room for a new sentence), so every chunk adds new text.
     """
@@ -303,7 +305,8 @@ def chunk_paragraphs(paragraphs: Sequence[str], chunk_size: int, overlap: int = 
     current: list[tuple[str, str]] = []
     length = 0
     for unit in units:
-        if current and length + 1 + len(unit[1]) > chunk_size:
+        full = length + 1 + len(unit[1]) > chunk_size
+        if current and (full or (unit[0] == "\n" and 2 * length >= chunk_size)):
             chunks.append(_join(current))
             carry = current[len(current) - overlap :] if overlap else []
             while carry and _length(carry) + 1 + len(unit[1]) > chunk_size:
