@@ -123,6 +123,8 @@ class Trainer:
         import torch
 
         self.model = seeded_model(recipe, dynamic, compiled)
+        # As the loop does: fixed-shape compile keeps every logit (no recompile per length).
+        self.trim = not (compiled and dynamic is None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=recipe.training.lr)
         self.max_norm = recipe.training.max_grad_norm
@@ -133,7 +135,7 @@ class Trainer:
 
         from raft_dist.evaluate import token_loss_sum
 
-        loss_sum, count = token_loss_sum(self.model, batch)
+        loss_sum, count = token_loss_sum(self.model, batch, trim=self.trim)
         (loss_sum / count).backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         self.optimizer.step()
