@@ -13,6 +13,7 @@ resumed run byte-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -197,11 +198,15 @@ def generate(
                 bar.update(1)
                 if on_chunk is not None:
                     on_chunk(position + 1)
+        # Flushes the last lines still in the file buffers: a full disk can first show here.
+        writer.close()
     except OSError as exc:
         raise _write_failure(out, exc) from None
     finally:
         answers.close()
-        writer.close()
+        # After a failure, closing again must not replace the message with a traceback.
+        with contextlib.suppress(OSError):
+            writer.close()
     generator = {
         "name": GENERATOR_NAME,
         "fingerprint": fingerprint(settings),
