@@ -54,11 +54,16 @@ def lora_model(recipe: Any) -> Any:
     return wrap_with_lora(model, recipe.lora, gradient_checkpointing=False).train()
 
 
-def timed_steps(model: Any, optimizer: Any, batches: list[dict[str, Any]], trim: bool) -> tuple:
+def timed_steps(base: Any, lr: float, batches: list[dict[str, Any]], trim: bool) -> tuple:
+    """A fresh copy of `base` and its optimizer, then one step per batch: (seconds, losses)."""
+    import copy
+
     import torch
 
     from raft_dist.evaluate import token_loss_sum
 
+    model = copy.deepcopy(base)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, started = [], time.perf_counter()
     for batch in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -76,19 +81,13 @@ def measure(
     quiet_wait_s: float = 30.0,
     log: Any = None,
 ) -> dict[str, Any]:
-    import copy
-
-    import torch
+    from raft_dist.evaluate import target_count
 
     say = log or (lambda _line: None)
     recipe, batches = demo_batches(steps)
     base = lora_model(recipe)
     rows = [
-        {
-            "tokens": int(b["attention_mask"].sum()),
-            "targets": int((b["labels"][:, 1:] != -100).sum()),
-        }
-        for b in batches
+        {"tokens": int(b["attention_mask"].sum()), "targets": int(target_count(b))} for b in batches
     ]
     ratios, timings, losses = [], {"full": [], "trimmed": []}, {}
     for rep in range(reps):
@@ -98,16 +97,9 @@ def measure(
         before = common.cpu_reading()
         for variant in order:
             # Same starting weights and optimizer state for both variants, every repetition.
-            model = copy.deepcopy(base)
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=recipe.training.lr)
-            timed_steps(model, optimizer, batches[:1], variant == "trimmed")  # warm-up step
-            model = copy.deepcopy(base)
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=recipe.training.lr)
-            seconds[variant], losses[variant] = timed_steps(
-                model, optimizer, batches, variant == "trimmed"
-            )
+            trim, lr = variant == "trimmed", recipe.training.lr
+            timed_steps(base, lr, batches[:1], trim)  # warm-up step, untimed
+            seconds[variant], losses[variant] = timed_steps(base, lr, batches, trim)
             timings[variant].append(seconds[variant])
         load = common.other_load(before, common.cpu_reading())
         ratios.append(seconds["full"] / seconds["trimmed"])
@@ -149,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--quiet-wait", type=float, default=30.0)
-    parser.add_argument("--out", type=Path, default=common.ROOT / "bench/results")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     return parser.parse_args(argv)
 
 

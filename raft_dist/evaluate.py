@@ -150,7 +150,9 @@ def first_predicting_position(labels: Any) -> int:
     return int(found[0, 0]) if found.numel() else labels.size(1) - 1
 
 
-def token_loss_sum(model: Any, batch: dict[str, Any], *, trim: bool = True) -> tuple[Any, Any]:
+def token_loss_sum(
+    model: Any, batch: dict[str, Any], *, trim: bool = True, first: int | None = None
+) -> tuple[Any, Any]:
     """Summed next-token cross entropy over target tokens, in fp32, and their count.
 
     A sum, not a mean: the caller divides by the target tokens of the whole accumulation window
@@ -163,14 +165,17 @@ def token_loss_sum(model: Any, batch: dict[str, Any], *, trim: bool = True) -> t
     never a target, so its output-matrix products and its log-softmax over the vocabulary
     (forward and backward) were pure waste: SmolLM2's output matrix is a fifth of its forward
     FLOPs. The loss and every gradient are the same; only the work on ignored positions goes.
-    Off for fixed-shape torch.compile, where each new length would be a recompile.
+    Off for fixed-shape torch.compile, where each new length would be a recompile. `first`:
+    first_predicting_position of the batch's labels, if the caller counted it on a CPU copy
+    (found from labels on a GPU, it would wait for the device once per call).
     """
     import torch
 
     labels = batch["labels"]
     keep = None
     if trim and takes_logits_to_keep(model):
-        first = first_predicting_position(labels)
+        if first is None:
+            first = first_predicting_position(labels)
         if first > 0:
             keep, labels = labels.size(1) - first, labels[:, first:]
     logits = model_logits(model, batch, keep)

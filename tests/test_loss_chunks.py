@@ -220,6 +220,21 @@ def test_prompt_positions_never_reach_the_output_matrix() -> None:
     # first target (index 22 of the second row), to the end.
     assert seen == [width, width - 21]
     assert evaluate.first_predicting_position(batch["labels"]) == 21
+    # The loop hands over the start counted on the batch's CPU copy (prefetch.counted), so the
+    # device copy's labels are never read back: the given start is the one used.
+    from raft_dist.data.prefetch import counted
+
+    assert counted(batch).loss_start == 21
+    seen.clear()
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
+    try:
+        with torch.no_grad():
+            given, _ = token_loss_sum(model, batch, first=10)
+            found, _ = token_loss_sum(model, batch)
+    finally:
+        hook.remove()
+    assert seen == [width - 10, width - 21]
+    torch.testing.assert_close(given, found, rtol=1e-5, atol=0.0)
 
 
 def test_wrapped_models_still_trim() -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raft_dist.data.batching import Batch
-from raft_dist.evaluate import target_count
+from raft_dist.evaluate import first_predicting_position, target_count
 
 DEFAULT_DEPTH = 2
 _POLL_S = 0.2  # how often a blocked put/get looks at whether the other side went away
@@ -46,6 +46,7 @@ class Fed:
     batch: Batch
     target_tokens: float
     input_tokens: float
+    loss_start: int  # token_loss_sum's `first`: where the logits the loss needs begin
     pinned: bool = False
 
     def to(self, device: Any) -> Batch:
@@ -67,7 +68,12 @@ class _Item:
 
 
 def counted(batch: Batch, pin_memory: bool = False) -> Fed:
-    fed = Fed(batch, target_count(batch), float(batch["attention_mask"].sum()))
+    fed = Fed(
+        batch,
+        target_count(batch),
+        float(batch["attention_mask"].sum()),
+        first_predicting_position(batch["labels"]),
+    )
     if pin_memory:
         fed.batch = {k: v.pin_memory() for k, v in batch.items()}
         fed.pinned = True

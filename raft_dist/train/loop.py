@@ -268,7 +268,7 @@ def fit(run: Run) -> Stop | None:
 def _fit_steps(run: Run, feed: Any) -> Stop | None:
     import torch
 
-    from raft_dist.evaluate import token_loss_sum
+    from raft_dist.evaluate import first_predicting_position, token_loss_sum
     from raft_dist.train.checkpoint import save_checkpoint
 
     recipe, accelerator, state = run.recipe, run.accelerator, run.state
@@ -277,6 +277,7 @@ def _fit_steps(run: Run, feed: Any) -> Stop | None:
     accum, world = t.gradient_accumulation_steps, accelerator.num_processes
     device = accelerator.device
     pad = {k: v.to(device) for k, v in run.pad.items()}  # copied once, not once per use
+    pad_start = first_predicting_position(run.pad["labels"])  # on the CPU copy, as Fed's
     # The checkpoint saves the position of the last batch the loop took (Prefetcher.state_dict).
     streams = {"train": feed}
     steps_this_run = 0
@@ -327,7 +328,12 @@ def _fit_steps(run: Run, feed: Any) -> Stop | None:
                     )
                 # Fixed-shape compile keeps every position: trimming the prompt's logits would
                 # give each batch its own length, and each length its own compile.
-                micro_loss, _ = token_loss_sum(model, batch, trim=t.compile is not True)
+                micro_loss, _ = token_loss_sum(
+                    model,
+                    batch,
+                    trim=t.compile is not True,
+                    first=fed.loss_start if fed is not None else pad_start,
+                )
                 accelerator.backward(micro_loss * scale)
                 loss_sum += micro_loss.detach().double()
                 if accelerator.sync_gradients:
