@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,24 @@ DEFAULT_STEPS = 4  # timed micro-batch steps per variant and repetition
 TARGET_SPEEDUP = 1.10  # the prompt is ~85% of a demo row; the output matrix ~20% of a forward
 
 
-def demo_batches(count: int) -> tuple[Any, list[dict[str, Any]]]:
-    """The demo recipe and `count` micro-batches of its training data, as the loop makes them."""
+def demo_recipe(overrides: Sequence[str] = ()) -> Any:
+    """configs/demo.yaml on the shipped training data, micro-batch 2, plus `overrides`."""
     from raft_dist.config import load_recipe
 
-    recipe = load_recipe(
+    return load_recipe(
         common.ROOT / "configs/demo.yaml",
-        [f"data.train={common.DEMO_TRAIN}", "data.eval=null", "training.micro_batch_size=2"],
+        [
+            f"data.train={common.DEMO_TRAIN}",
+            "data.eval=null",
+            "training.micro_batch_size=2",
+            *overrides,
+        ],
     )
+
+
+def demo_batches(count: int) -> tuple[Any, list[dict[str, Any]]]:
+    """The demo recipe and `count` micro-batches of its training data, as the loop makes them."""
+    recipe = demo_recipe()
     return recipe, materialize_batches(recipe, count)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import attention_bench  # noqa: E402
 import cli_startup  # noqa: E402
 import common  # noqa: E402
 import compile_bench  # noqa: E402
@@ -128,6 +129,12 @@ BENCHMARKS = [
         "prompt_logits",
         lambda a: prompt_logits_bench.measure(quiet_wait_s=a.quiet_wait, log=common.progress),
         prompt_logits_bench.report_rows,
+    ),
+    Benchmark(
+        # The same step on one core: fp32/bf16 frozen weights, SDPA/eager attention.
+        "attention",
+        lambda a: attention_bench.measure(quiet_wait_s=a.quiet_wait, log=common.progress),
+        attention_bench.report_rows,
     ),
     Benchmark(
         # Peak RSS of a SmolLM2 step with/without gradient checkpointing (fp32), and of the

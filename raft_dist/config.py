@@ -34,6 +34,13 @@ class ModelConfig:
     # dtype the weights are loaded in; mixed precision is training.mixed_precision.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
+    # The attention kernel (transformers' attn_implementation); null: transformers' default
+    # (sdpa where the model supports it). On CPU, eager trains small models faster: at the
+    # demo's ~450-token rows SDPA's CPU flash kernel took a third of the step, mostly in its
+    # backward (bench/attention_bench.py). flash_attention_2 needs the flash-attn package and a GPU.
+    attn_implementation: Literal["eager", "sdpa", "flex_attention", "flash_attention_2"] | None = (
+        None
+    )
 
 
 @dataclass

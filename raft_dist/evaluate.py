@@ -112,7 +112,7 @@ def model_logits(model: Any, batch: dict[str, Any], keep: int | None = None) -> 
     if "sequence_ids" in batch:  # packed rows: examples apart (data/batching.py)
         return model(
             input_ids=batch["input_ids"],
-            attention_mask=block_causal_mask(batch["sequence_ids"]),
+            attention_mask=packed_attention_mask(model, batch["sequence_ids"]),
             position_ids=batch["position_ids"],
             use_cache=False,
             **kwargs,
@@ -129,9 +129,9 @@ def _forward_takes_logits_to_keep(model_class: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
-def takes_logits_to_keep(model: Any) -> bool:
-    """Whether the causal LM inside model's wrappers (DDP or a DeepSpeed engine: .module; PEFT:
-    get_base_model(), which passes the keyword on) accepts `logits_to_keep`."""
+def unwrapped(model: Any) -> Any:
+    """The causal LM inside model's wrappers (DDP or a DeepSpeed engine: .module; PEFT:
+    get_base_model(), which passes every keyword on)."""
     for _ in range(4):
         inner = getattr(model, "module", None)
         if inner is None and hasattr(model, "get_base_model"):
@@ -139,7 +139,28 @@ def takes_logits_to_keep(model: Any) -> bool:
         if inner is None or inner is model:
             break
         model = inner
-    return _forward_takes_logits_to_keep(type(model))
+    return model
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM inside model's wrappers accepts `logits_to_keep`."""
+    return _forward_takes_logits_to_keep(type(unwrapped(model)))
+
+
+def packed_attention_mask(model: Any, sequence_ids: Any) -> Any:
+    """The block-diagonal mask of packed rows in the form the model's attention kernel reads.
+    transformers hands a 4D mask to the kernel as it is: SDPA and flex read a boolean one, but
+    eager adds the mask to the attention scores, where True/False would add 1/0 and let every
+    example see the others."""
+    import torch
+
+    mask = block_causal_mask(sequence_ids)
+    config = getattr(unwrapped(model), "config", None)
+    if getattr(config, "_attn_implementation", None) == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return mask
 
 
 def first_predicting_position(labels: Any) -> int:

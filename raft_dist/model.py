@@ -129,10 +129,15 @@ def load_model(
     """
     from raft_dist.train.deepspeed import zero3_init_active
 
-    if zero3_init_active():
-        model = _load_partitioned(cfg, tokenizer, quantization)
-    else:
-        model = _load(cfg, tokenizer, quantization, device_map)
+    try:
+        if zero3_init_active():
+            model = _load_partitioned(cfg, tokenizer, quantization)
+        else:
+            model = _load(cfg, tokenizer, quantization, device_map)
+    except ImportError as exc:  # e.g. flash_attention_2 without the flash-attn package
+        if cfg.attn_implementation is None:
+            raise
+        raise ConfigError(f"model.attn_implementation={cfg.attn_implementation}: {exc}") from None
     check_tied_embeddings(model)
     return model
 
@@ -201,6 +206,11 @@ def _load(cfg: ModelConfig, tokenizer: Any, quantization: Any, device_map: Any) 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch_dtype(cfg.dtype)
+    # Passed only when set: transformers then picks its own default (and a model class that
+    # lacks the kernel asked for fails here, naming it).
+    attention = {}
+    if cfg.attn_implementation is not None:
+        attention["attn_implementation"] = cfg.attn_implementation
     name = builtin_name(cfg.name_or_path)
     if name is not None:
         arch = dict(TINY_ARCHITECTURES[name])
@@ -213,7 +223,7 @@ def _load(cfg: ModelConfig, tokenizer: Any, quantization: Any, device_map: Any) 
             pad_token_id=tokenizer.pad_token_id,
             **arch,
         )
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **attention)
         if quantization is None:
             return model
         import tempfile
@@ -225,7 +235,11 @@ def _load(cfg: ModelConfig, tokenizer: Any, quantization: Any, device_map: Any) 
             model.config.save_pretrained(folder)
             save_model(model, str(Path(folder) / "model.safetensors"))
             return AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, quantization_config=quantization, device_map=device_map
+                folder,
+                dtype=dtype,
+                quantization_config=quantization,
+                device_map=device_map,
+                **attention,
             )
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -234,6 +248,7 @@ def _load(cfg: ModelConfig, tokenizer: Any, quantization: Any, device_map: Any) 
             trust_remote_code=cfg.trust_remote_code,
             quantization_config=quantization,
             device_map=device_map,
+            **attention,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(

@@ -51,12 +51,24 @@ def loss_and_grads(model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return total, grads
 
 
-@pytest.mark.parametrize("arch", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
-def test_packed_loss_and_gradients_equal_unpacked(tmp_path: Path, arch: str) -> None:
-    cfg = ModelConfig(name_or_path=arch)
+@pytest.mark.parametrize(
+    ("arch", "attention"),
+    [
+        ("builtin:tiny-llama", None),
+        ("builtin:tiny-gpt2", None),
+        # eager adds the mask to the scores: a boolean block mask would let examples mix
+        ("builtin:tiny-llama", "eager"),
+        ("builtin:tiny-gpt2", "eager"),
+    ],
+)
+def test_packed_loss_and_gradients_equal_unpacked(
+    tmp_path: Path, arch: str, attention: str | None
+) -> None:
+    cfg = ModelConfig(name_or_path=arch, attn_implementation=attention)
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer)
+    assert model.config._attn_implementation == (attention or "sdpa")
     model.train()
     examples = encoded_examples(tmp_path, tokenizer)
     pad = tokenizer.pad_token_id
@@ -94,3 +106,13 @@ def test_the_stream_packs_whole_examples_and_resumes_exactly(tmp_path: Path) -> 
             starts = torch.nonzero(positions[real] == 0).flatten().tolist()
             assert len(starts) == int(sequences.max()) + 1
     assert examples == 16 and rows < 16
+
+
+def test_an_attention_kernel_that_cannot_load_is_a_config_error() -> None:
+    """flash_attention_2 without the flash-attn package (never installed here): the error
+    names the recipe key, not a transformers traceback."""
+    from raft_dist.errors import ConfigError
+
+    cfg = ModelConfig(name_or_path="builtin:tiny-llama", attn_implementation="flash_attention_2")
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation=flash_attention_2"):
+        load_model(cfg, load_tokenizer(cfg))
