@@ -24,13 +24,17 @@ third decimal, not more.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import common
-from prompt_logits_bench import demo_batches, demo_recipe, lora_model, timed_steps
+from prompt_logits_bench import (
+    demo_batches,
+    demo_recipe,
+    lora_model,
+    step_bench_main,
+    timed_steps,
+)
 
 DEFAULT_REPS = 3
 DEFAULT_STEPS = 3  # timed micro-batches per variant and repetition
@@ -117,21 +121,10 @@ def report_rows(result: dict[str, Any]) -> list[common.Row]:
     return rows
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--quiet-wait", type=float, default=30.0)
-    parser.add_argument("--out", type=Path, default=common.RESULTS)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = measure(args.reps, args.steps, args.quiet_wait, log=common.progress)
-    print(common.markdown_table(("metric", "value", "target", "verdict"), report_rows(result)))
-    common.write_json(args.out / "attention.json", result)
-    return 0
+    return step_bench_main(
+        __doc__, measure, report_rows, "attention.json", DEFAULT_REPS, DEFAULT_STEPS, argv
+    )
 
 
 if __name__ == "__main__":

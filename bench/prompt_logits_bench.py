@@ -147,21 +147,33 @@ def report_rows(result: dict[str, Any]) -> list[common.Row]:
     ]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=DEFAULT_REPS)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+def step_bench_main(
+    doc: str,
+    measure_fn: Any,
+    rows_fn: Any,
+    out_name: str,
+    reps: int,
+    steps: int,
+    argv: list[str] | None = None,
+) -> int:
+    """The command line shared by the benchmarks of the demo's step (this one and
+    attention_bench.py): --reps, --steps, --quiet-wait, --out; a table, then OUT/out_name."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--quiet-wait", type=float, default=30.0)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    result = measure_fn(args.reps, args.steps, args.quiet_wait, log=common.progress)
+    print(common.markdown_table(("metric", "value", "target", "verdict"), rows_fn(result)))
+    common.write_json(args.out / out_name, result)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    result = measure(args.reps, args.steps, args.quiet_wait, log=common.progress)
-    print(common.markdown_table(("metric", "value", "target", "verdict"), report_rows(result)))
-    common.write_json(args.out / "prompt_logits.json", result)
-    return 0
+    return step_bench_main(
+        __doc__, measure, report_rows, "prompt_logits.json", DEFAULT_REPS, DEFAULT_STEPS, argv
+    )
 
 
 if __name__ == "__main__":
