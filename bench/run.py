@@ -28,6 +28,7 @@ import eval_bench  # noqa: E402
 import lora_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import packing_bench  # noqa: E402
+import prefill_bench  # noqa: E402
 import prompt_logits_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
@@ -113,6 +114,12 @@ BENCHMARKS = [
             log=common.progress,
         ),
         eval_bench.report_rows,
+    ),
+    Benchmark(
+        # One rank's share of the demo's evaluation: each prompt prefilled alone vs padded.
+        "prefill",
+        lambda a: prefill_bench.measure(quiet_wait_s=a.quiet_wait, log=common.progress),
+        prefill_bench.report_rows,
     ),
     Benchmark(
         "compile",

@@ -363,3 +363,51 @@ def test_generation_stops_after_the_answer_line_and_cuts_there() -> None:
         "a <ANSWER>: x\n<ANSWER>: Paris"
     )
     assert cut_after_final_answer("no tag\nat all") == "no tag\nat all"
+
+
+@pytest.mark.parametrize("name", [TINY, "builtin:tiny-gpt2"])
+def test_prompts_prefilled_alone_decode_like_one_padded_batch(name: str, monkeypatch) -> None:
+    """On CPU each prompt is prefilled alone and the caches are joined left-padded: the greedy
+    continuations equal those of one padded batch (fp32), and `generate` really continues
+    from the joined cache (its first forward sees one token per row, not the prompts)."""
+    import torch
+
+    from raft_dist.evaluation import generation
+    from raft_dist.evaluation.models import ModelCache, ModelSpec
+
+    model, tokenizer = ModelCache("cpu", "float32")._load_base(ModelSpec.parse(name))
+    torch.manual_seed(1)
+    rows = [torch.randint(10, 200, (n,)).tolist() for n in (37, 5, 80, 2, 60)]
+    widths: list[int] = []
+
+    def record(module, args, kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        assert generation.use_prefill_alone(model, rows)
+        alone = generation.generate_ids(model, tokenizer, rows, 24)
+        prefills, first_step = widths[: len(rows)], widths[len(rows)]
+        widths.clear()
+        monkeypatch.setattr(generation, "use_prefill_alone", lambda model, rows: False)
+        padded = generation.generate_ids(model, tokenizer, rows, 24)
+    finally:
+        hook.remove()
+    assert prefills == [n - 1 for n in (37, 5, 80, 2, 60)] and first_step == 1
+    assert widths[0] == 80  # the padded path prefills the whole padded batch
+    assert alone == padded
+    # Tokens alone can hide a misplaced cache (a random model leans on its last token): the
+    # next-token logits from the joined cache equal those of the whole padded batch.
+    ids, mask = generation.left_pad(rows, 0)
+    with torch.inference_mode():
+        cache = generation.prefill_alone(model, rows)
+        name = generation._cache_argument(model)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        joined = model(
+            input_ids=ids[:, -1:],
+            attention_mask=mask,
+            position_ids=position[:, -1:],
+            **{name: cache},
+        ).logits[:, -1]
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=position).logits[:, -1]
+    torch.testing.assert_close(joined, whole, rtol=1e-4, atol=1e-4)
