@@ -45,7 +45,8 @@ def demo_share() -> tuple[Any, Any, list[list[int]]]:
     sets = [(name, str(common.ROOT / path)) for name, path in SETS]
     options = EvalOptions(models=[], data=sets, out=Path("."), robustness_limit=ROBUSTNESS_LIMIT)
     cache = ModelCache("cpu", pick_dtype("auto", "cpu"))
-    model, tokenizer = cache._load_base(ModelSpec.parse(MODEL))
+    with cache.use(ModelSpec.parse(MODEL)) as (model, tokenizer):  # a base: nothing to undo
+        pass
     rows = [encode_prompt(tokenizer, item.prompt) for s in load_sets(options) for item in s.items]
     rows.sort(key=len, reverse=True)
     return model, tokenizer, rows[::WORLD]

@@ -76,8 +76,10 @@ def _cache_argument(model: Any) -> str:
 def prefill_alone(model: Any, rows: Sequence[list[int]]) -> Any | None:
     """A KV cache of the rows' prompts but their last tokens, each row prefilled alone and
     left-padded to the longest (what `generate` continues from: it feeds the last prompt token
-    and the mask hides the padding). None where the cache is not one plain key/value tensor per
-    layer (sliding-window or other hybrid caches, quantized caches): those take the padded path.
+    and the mask hides the padding). The caches are built without the model's config, so every
+    layer keeps all its positions (a sliding window is applied by the mask, not by the cache).
+    None where a prefix did not leave one plain key/value tensor per layer covering every
+    position (a model that keeps its cache another way): that batch takes the padded path.
     """
     import inspect
 
