@@ -42,7 +42,9 @@ import common
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MODES = ("padding", "grouped", "packed")
+# packed: what the training loop runs on the CPU (attention per example, packed_attention.py);
+# packed-mask: the same rows through the block-diagonal mask (GPU kernels, torch.compile)
+MODES = ("padding", "grouped", "packed", "packed-mask")
 DEFAULT_EXAMPLES = {"demo": 16, "wide": 32}  # per data set; the demo one is nearly padding-free
 DEFAULT_REPS = 3
 DEFAULT_WINDOW = 8  # data.group_by_length: micro batches per window
@@ -181,23 +183,26 @@ def stream_for(dataset_dir: Path, mode: str, max_seq_len: int, window: int, toke
     settings = StreamSettings(
         max_seq_len=max_seq_len,
         micro_batch_size=MICRO_BATCH_SIZE,
-        packing=mode == "packed",
+        packing=mode.startswith("packed"),
         group_by_length=window if mode == "grouped" else 0,
         seed=SEED,
     )
     return RankStream(load_shards(str(dataset_dir)), tokenizer, settings, rank=0, world_size=1)
 
 
-def fresh_model(recipe: Any, tokenizer: Any) -> Any:
+def fresh_model(recipe: Any, tokenizer: Any, mode: str) -> Any:
     import gc
 
     import torch
 
     from raft_dist.model import load_model
+    from raft_dist.packed_attention import use_per_example_attention
 
     gc.collect()  # the previous pass's garbage is not collected inside this one
     torch.manual_seed(SEED)
     model = load_model(recipe.model, tokenizer)
+    if mode == "packed" and not use_per_example_attention(model):
+        raise RuntimeError("per-example attention needs the model's SDPA attention")
     model.train()
     return model
 
@@ -217,7 +222,7 @@ def one_pass(
 
     from raft_dist.evaluate import target_count, token_loss_sum
 
-    model = fresh_model(recipe, tokenizer)
+    model = fresh_model(recipe, tokenizer, mode)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.training.lr)
     stream = stream_for(dataset_dir, mode, DATASETS[dataset], window, tokenizer)
@@ -434,7 +439,7 @@ def report_rows(summary: dict[str, Any]) -> list[common.Row]:
     """bench/run.py's combined table: the ratios to padding."""
     rows: list[common.Row] = []
     for dataset, result in summary["datasets"].items():
-        for mode in ("grouped", "packed"):
+        for mode in ("grouped", "packed", "packed-mask"):
             ratio = result["modes"][mode]["ratio_to_padding"]
             target, verdict = "", ""
             if dataset == "wide" and mode == "packed":

@@ -6,7 +6,6 @@ import functools
 import math
 from typing import Any
 
-from raft_dist.data.batching import block_causal_mask
 from raft_dist.data.tokenize import IGNORE_INDEX
 from raft_dist.distributed import sum_over_ranks
 
@@ -109,14 +108,10 @@ def model_logits(model: Any, batch: dict[str, Any], keep: int | None = None) -> 
     last `keep` positions (B, keep, V): the model then never multiplies the other positions'
     hidden states by its output matrix."""
     kwargs = {} if keep is None else {"logits_to_keep": keep}
-    if "sequence_ids" in batch:  # packed rows: examples apart (data/batching.py)
-        return model(
-            input_ids=batch["input_ids"],
-            attention_mask=packed_attention_mask(model, batch["sequence_ids"]),
-            position_ids=batch["position_ids"],
-            use_cache=False,
-            **kwargs,
-        ).logits
+    if "sequence_ids" in batch:  # packed rows: examples apart (packed_attention.py)
+        from raft_dist.packed_attention import packed_model_inputs
+
+        return model(**packed_model_inputs(model, batch), **kwargs).logits
     return model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
     ).logits
@@ -145,22 +140,6 @@ def unwrapped(model: Any) -> Any:
 def takes_logits_to_keep(model: Any) -> bool:
     """Whether the causal LM inside model's wrappers accepts `logits_to_keep`."""
     return _forward_takes_logits_to_keep(type(unwrapped(model)))
-
-
-def packed_attention_mask(model: Any, sequence_ids: Any) -> Any:
-    """The block-diagonal mask of packed rows in the form the model's attention kernel reads.
-    transformers hands a 4D mask to the kernel as it is: SDPA and flex read a boolean one, but
-    eager adds the mask to the attention scores, where True/False would add 1/0 and let every
-    example see the others."""
-    import torch
-
-    mask = block_causal_mask(sequence_ids)
-    config = getattr(unwrapped(model), "config", None)
-    if getattr(config, "_attn_implementation", None) == "eager":
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-            ~mask, torch.finfo(torch.float32).min
-        )
-    return mask
 
 
 def first_predicting_position(labels: Any) -> int:

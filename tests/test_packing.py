@@ -17,7 +17,8 @@ from raft_dist.data.sources import load_shards
 from raft_dist.data.streaming import RankStream, StreamSettings
 from raft_dist.data.tokenize import LengthStats, encode_example
 from raft_dist.evaluate import token_loss_sum
-from raft_dist.model import load_model, load_tokenizer
+from raft_dist.model import enable_gradient_checkpointing, load_model, load_tokenizer
+from raft_dist.packed_attention import PER_EXAMPLE, example_spans, use_per_example_attention
 
 EXAMPLE_LEN = 256  # the longest example (overlong ones are truncated to it)
 ROW_LEN = 640  # a packed row holds two or three of them
@@ -59,16 +60,27 @@ def loss_and_grads(model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor
         # eager adds the mask to the scores: a boolean block mask would let examples mix
         ("builtin:tiny-llama", "eager"),
         ("builtin:tiny-gpt2", "eager"),
+        # SDPA on each example's span instead of a mask (the loop's choice on the CPU), also
+        # through gradient checkpointing, whose recompute must see the spans again
+        ("builtin:tiny-llama", "per-example"),
+        ("builtin:tiny-gpt2", "per-example"),
+        ("builtin:tiny-llama", "per-example+checkpointing"),
     ],
 )
 def test_packed_loss_and_gradients_equal_unpacked(
     tmp_path: Path, arch: str, attention: str | None
 ) -> None:
-    cfg = ModelConfig(name_or_path=arch, attn_implementation=attention)
+    per_example = attention is not None and attention.startswith("per-example")
+    cfg = ModelConfig(name_or_path=arch, attn_implementation=None if per_example else attention)
     tokenizer = load_tokenizer(cfg)
     torch.manual_seed(0)
     model = load_model(cfg, tokenizer)
-    assert model.config._attn_implementation == (attention or "sdpa")
+    assert model.config._attn_implementation == ("sdpa" if per_example else attention or "sdpa")
+    if per_example:
+        assert use_per_example_attention(model)
+        assert model.config._attn_implementation == PER_EXAMPLE
+    if attention == "per-example+checkpointing":
+        enable_gradient_checkpointing(model)
     model.train()
     examples = encoded_examples(tmp_path, tokenizer)
     pad = tokenizer.pad_token_id
@@ -87,6 +99,52 @@ def test_packed_loss_and_gradients_equal_unpacked(
     for name, grad in grads_u.items():
         scale = float(grad.abs().max()) or 1.0
         torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
+def test_per_example_attention_attends_within_examples_only(tmp_path: Path) -> None:
+    """The work really goes: with per-example attention no SDPA call spans two examples of a
+    row (with the block mask every call is a whole row wide), and unpacked batches through
+    the same swapped model still get transformers' own mask (same logits as plain SDPA)."""
+    cfg = ModelConfig()
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    examples = encoded_examples(tmp_path, tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=2)
+    batch = collate_packed(rows, pad_id=pad)
+    lengths = {len(ids) for row in rows for ids, _ in row}
+    plain = collate(examples[:3], pad_id=pad)
+    with torch.no_grad():
+        before = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"])
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    widths: list[int] = []
+
+    def recording(query, *args, **kwargs):
+        widths.append(query.size(-2))
+        return sdpa(query, *args, **kwargs)
+
+    assert use_per_example_attention(model)
+    torch.nn.functional.scaled_dot_product_attention = recording
+    try:
+        with torch.no_grad():
+            token_loss_sum(model, batch, trim=False)
+            assert widths and set(widths) <= lengths, (sorted(set(widths)), sorted(lengths))
+            widths.clear()
+            after = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"])
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert set(widths) == {plain["input_ids"].size(1)}  # unpacked: whole rows, masked
+    real = plain["attention_mask"].bool()
+    torch.testing.assert_close(after.logits[real], before.logits[real], rtol=1e-5, atol=1e-6)
+
+
+def test_example_spans_cover_each_row_in_runs() -> None:
+    ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 1, 2, 2, -1, -1]])
+    assert example_spans(ids) == [
+        [(0, 3, True), (3, 5, True), (5, 6, False)],
+        [(0, 1, True), (1, 2, True), (2, 4, True), (4, 6, False)],
+    ]
 
 
 def test_the_stream_packs_whole_examples_and_resumes_exactly(tmp_path: Path) -> None:

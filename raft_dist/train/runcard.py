@@ -57,7 +57,7 @@ def render_run_card(
             f"up to {effective * recipe.data.max_seq_len:,} "
             f"(max_seq_len {recipe.data.max_seq_len})",
         ),
-        ("rows", _row_layout(recipe.data)),
+        ("rows", _row_layout(recipe.data, model)),
         (
             "data",
             f"{records:,} train records; shards per rank {shards_per_rank} (this epoch); "
@@ -84,12 +84,19 @@ def _footprint_mib(model: Any) -> float:
     return footprint() / 2**20
 
 
-def _row_layout(data: Any) -> str:
+def _row_layout(data: Any, model: Any) -> str:
     """How examples become rows: what decides how much of each step is padding."""
+    from raft_dist.evaluate import unwrapped
+    from raft_dist.packed_attention import PER_EXAMPLE
+
     if data.format == "text":
         return f"plain text in full rows of {data.max_seq_len} tokens"
     if data.packing:
-        return "packed: whole examples per row, block-diagonal attention"
+        config = getattr(unwrapped(model), "config", None)
+        attention = getattr(config, "_attn_implementation", None)
+        if attention == PER_EXAMPLE:
+            return "packed: whole examples per row, attention per example (SDPA on its span)"
+        return "packed: whole examples per row, block-diagonal attention mask"
     if data.group_by_length:
         return (
             f"one example per row, grouped by length in windows of {data.group_by_length} batches"

@@ -1,0 +1,145 @@
+"""Attention for packed rows (data.packing): examples in one row never see each other.
+
+Two ways, one result (tests/test_packing.py checks both against the examples run unpacked):
+
+- the block-diagonal mask (`block_causal_mask`), a (B, 1, L, L) mask every kernel reads.
+  The kernel still computes every row's full L x L scores and throws most away: a 2048-token
+  row of eight examples does eight times the attention work it needs.
+- per-example attention (`use_per_example_attention`): the model's attention is swapped for
+  one that runs SDPA causally on each example's own span of the row, so the work is the sum
+  of the examples' squares, not the row's. This is what flash-attention's varlen kernel does
+  on a GPU; on the CPU, where no such kernel exists, it is what makes packing pay
+  (bench/packing_bench.py). The training loop turns it on for packed runs on the CPU with
+  SDPA attention (the default) and without torch.compile (each batch's spans would be a new
+  graph). Calls without spans (unpacked batches, generation) go to plain SDPA with
+  transformers' own SDPA mask, so the swapped model stays correct for everything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raft_dist.data.batching import block_causal_mask
+
+PER_EXAMPLE = "raft_dist_per_example_sdpa"  # the registered attn_implementation
+SPANS_KWARG = "packed_spans"  # travels from the model's forward to every attention call
+
+Spans = list[list[tuple[int, int, bool]]]  # per row: (start, end, is_example)
+
+
+def packed_model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The forward's keywords for a packed batch: restarted positions, no cache, and either the
+    example spans (per-example attention) or the block mask in the kernel's form."""
+    from raft_dist.evaluate import unwrapped
+
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"],
+        "position_ids": batch["position_ids"],
+        "use_cache": False,
+    }
+    config = getattr(unwrapped(model), "config", None)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation == PER_EXAMPLE:
+        # No mask: transformers builds its own for a None mask and restarted positions
+        # (cheap, once per forward); the attention below ignores it and reads the spans.
+        inputs["attention_mask"] = None
+        inputs[SPANS_KWARG] = example_spans(batch["sequence_ids"])
+    else:
+        inputs["attention_mask"] = block_mask_for(implementation, batch["sequence_ids"])
+    return inputs
+
+
+def block_mask_for(implementation: str | None, sequence_ids: Any) -> Any:
+    """The block-diagonal mask in the form the kernel reads. transformers hands a 4D mask to
+    the kernel as it is: SDPA and flex read a boolean one, but eager adds the mask to the
+    attention scores, where True/False would add 1/0 and let every example see the others."""
+    import torch
+
+    mask = block_causal_mask(sequence_ids)
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return mask
+
+
+def example_spans(sequence_ids: Any) -> Spans:
+    """Per row, the runs of equal example ids as (start, end, is_example); padding (id -1)
+    makes a run with is_example False. Read on the host: the loop uses spans on the CPU only."""
+    import torch
+
+    ids = sequence_ids.cpu()
+    width = ids.size(1)
+    out: Spans = []
+    for row in ids:
+        starts = [0, *((row[1:] != row[:-1]).nonzero().flatten() + 1).tolist()]
+        ends = [*starts[1:], width]
+        firsts = row[torch.tensor(starts)].tolist()
+        out.append([(s, e, first >= 0) for s, e, first in zip(starts, ends, firsts, strict=True)])
+    return out
+
+
+def per_example_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """transformers' attention signature: query (B, heads, L, D), key and value (B, kv_heads,
+    L, D); returns (B, L, heads, D). With spans, SDPA runs causally on each example alone and
+    padding gets zeros (no target reads a padding position, and nothing attends to one)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    spans = kwargs.pop(SPANS_KWARG, None)
+    if spans is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows = []
+    for b, row in enumerate(spans):
+        parts = []
+        for start, end, is_example in row:
+            if not is_example:
+                parts.append(query.new_zeros(1, end - start, query.size(1), value.size(-1)))
+                continue
+            out, _ = sdpa_attention_forward(
+                module,
+                query[b : b + 1, :, start:end],
+                key[b : b + 1, :, start:end],
+                value[b : b + 1, :, start:end],
+                None,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=True,
+            )
+            parts.append(out)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PER_EXAMPLE, per_example_attention)
+    # Unpacked calls need transformers' SDPA mask (padding, causality); without a registered
+    # mask function transformers would build none at all for an unknown implementation.
+    AttentionMaskInterface.register(PER_EXAMPLE, sdpa_mask)
+
+
+def use_per_example_attention(model: Any) -> bool:
+    """Swap the model's SDPA attention for per-example attention; False (nothing changed) when
+    the model does not run SDPA. The swap is not saved: config.json does not record it."""
+    from raft_dist.evaluate import unwrapped
+
+    inner = unwrapped(model)
+    if getattr(getattr(inner, "config", None), "_attn_implementation", None) != "sdpa":
+        return False
+    _register()
+    inner.set_attn_implementation(PER_EXAMPLE)
+    return inner.config._attn_implementation == PER_EXAMPLE
