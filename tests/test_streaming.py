@@ -160,3 +160,65 @@ def test_state_from_another_world_size_is_refused(tmp_path: Path, tokenizer) -> 
     other = RankStream(shards, tokenizer, settings, rank=0, world_size=4)
     with pytest.raises(DataError, match="saved with 2 ranks .* this run has 4 ranks"):
         other.load_state_dict(saved)
+
+
+def epochs_of(stream: RankStream, epochs: int) -> list[dict]:
+    """Every batch (all its tensors) of `epochs` epochs, and the audit and statistics."""
+    batches = []
+    for epoch in range(epochs):
+        stream.start_epoch(epoch)
+        while (batch := stream.next_batch()) is not None:
+            batches.append({k: v.tolist() for k, v in batch.items()})
+    return batches
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"packing": True},
+        {"group_by_length": 2, "shuffle_shards": True},
+        {"overlong": "drop"},  # dropped examples are remembered as dropped
+    ],
+)
+def test_later_epochs_reuse_the_encoded_examples_and_give_the_same_batches(
+    tmp_path: Path, tokenizer, options: dict
+) -> None:
+    from raft_dist.data.encoded_cache import EncodedCache
+
+    write_dataset(tmp_path, [6, 5, 4], seed=2)
+    shards = load_shards(str(tmp_path))
+    # 200 tokens: some examples are truncated (or dropped), others are kept whole
+    settings = StreamSettings(max_seq_len=200, micro_batch_size=2, seed=5, **options)
+    calls = {"n": 0}
+
+    class CountingTokenizer:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, *args, **kwargs):
+            calls["n"] += 1
+            return tokenizer(*args, **kwargs)
+
+    cached_ids: list[str] = []
+    cached = RankStream(
+        shards, CountingTokenizer(), settings, rank=1, world_size=2, seen_ids=cached_ids
+    )
+    got = epochs_of(cached, 1)
+    first_epoch_calls = calls["n"]
+    assert first_epoch_calls > 0
+    for epoch in (1, 2):
+        cached.start_epoch(epoch)
+        while (batch := cached.next_batch()) is not None:
+            got.append({k: v.tolist() for k, v in batch.items()})
+    plain_ids: list[str] = []
+    plain = RankStream(shards, tokenizer, settings, rank=1, world_size=2, seen_ids=plain_ids)
+    plain._encoded = EncodedCache(max_tokens=0)  # nothing kept: every epoch tokenizes
+    assert got == epochs_of(plain, 3)
+    assert cached_ids == plain_ids
+    assert cached.lengths == plain.lengths
+    stats = cached.lengths
+    assert stats.examples > 0 and stats.truncated + stats.dropped > 0  # kept and cut ones
+    if not options.get("shuffle_shards"):  # the same range every epoch: all hits
+        assert calls["n"] == first_epoch_calls
+        assert cached._encoded.hits == 2 * len(plain_ids) // 3

@@ -27,6 +27,7 @@ from raft_dist.data.batching import (
     pack_rows,
 )
 from raft_dist.data.check import DataCheck
+from raft_dist.data.encoded_cache import EncodedCache, outcome_of
 from raft_dist.data.reader import Line, decode_text, iter_lines, parse_line
 from raft_dist.data.records import to_example
 from raft_dist.data.sources import Shard
@@ -129,6 +130,7 @@ class RankStream:
         self.skipped = 0
         self.seen_ids = seen_ids
         self._examples: Iterator[tuple[list[int], list[int]]] | None = None
+        self._encoded = EncodedCache()  # RAFT examples by (file, line), for later epochs
 
     # -- position ---------------------------------------------------------------------------
 
@@ -217,6 +219,14 @@ class RankStream:
                 )
                 yield ids, list(ids)
                 continue
+            cached = self._encoded.get(record.path, record.line)  # met in an earlier epoch
+            if cached is not None:
+                if self.seen_ids is not None:
+                    self.seen_ids.append(cached.example_id)
+                encoded = cached.replay(self.lengths)
+                if encoded is not None:
+                    yield encoded.input_ids, encoded.labels
+                continue
             try:
                 parsed = parse_line(record)
             except DataError:
@@ -227,6 +237,7 @@ class RankStream:
             example = to_example(parsed)
             if self.seen_ids is not None:
                 self.seen_ids.append(example.id)
+            before = replace(self.lengths)
             encoded = encode_example(
                 self.tokenizer,
                 example.prompt,
@@ -234,6 +245,9 @@ class RankStream:
                 max_len=self.settings.max_seq_len,
                 overlong=self.settings.overlong,
                 stats=self.lengths,
+            )
+            self._encoded.put(
+                record.path, record.line, example.id, outcome_of(before, self.lengths), encoded
             )
             if encoded is not None:
                 yield encoded.input_ids, encoded.labels
