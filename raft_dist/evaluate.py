@@ -42,7 +42,9 @@ def _chunked_loss_function() -> Any:
         return F.cross_entropy(piece, target, ignore_index=IGNORE_INDEX, reduction="sum")
 
     class ChunkedTokenLoss(torch.autograd.Function):
-        """Summed cross entropy of logits[:, :-1] against targets, one chunk at a time.
+        """Summed cross entropy of logits[:, :T] against targets (B, T), one chunk at a time:
+        T = L - 1 for the next-token targets of full logits (the last position predicts
+        nothing), T = L for logits taken only at the predicting positions.
 
         Forward keeps nothing of a chunk but its loss; backward recomputes each chunk's
         log-softmax from the saved logits (the model's dtype) and writes that chunk's gradient.
@@ -103,10 +105,10 @@ def chunked_token_loss(
     return _chunked_loss_function().apply(logits, labels[:, 1:], chunk, overwrite)
 
 
-def model_logits(model: Any, batch: dict[str, Any], keep: int | None = None) -> Any:
-    """The model's (B, L, V) logits for a batch, plain or packed; with `keep`, only those of the
-    last `keep` positions (B, keep, V): the model then never multiplies the other positions'
-    hidden states by its output matrix."""
+def model_logits(model: Any, batch: dict[str, Any], keep: Any = None) -> Any:
+    """The model's (B, L, V) logits for a batch, plain or packed; with `keep` (a 1D tensor of
+    positions), only those positions' logits (B, len(keep), V): the model then never
+    multiplies the other positions' hidden states by its output matrix."""
     kwargs = {} if keep is None else {"logits_to_keep": keep}
     if "sequence_ids" in batch:  # packed rows: examples apart (packed_attention.py)
         from raft_dist.packed_attention import packed_model_inputs
@@ -142,16 +144,21 @@ def takes_logits_to_keep(model: Any) -> bool:
     return _forward_takes_logits_to_keep(type(unwrapped(model)))
 
 
-def first_predicting_position(labels: Any) -> int:
-    """The first position whose logits predict a target token (labels shifted by one) in any
-    row; the row length minus one when there is none (only the last position is kept then)."""
-    has_target = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)
-    found = has_target.nonzero()
-    return int(found[0, 0]) if found.numel() else labels.size(1) - 1
+def predicting_positions(labels: Any) -> Any:
+    """The positions whose logits predict a target token (labels shifted by one) in any row,
+    as a 1D index tensor on labels' device; when there is none, the last position that
+    predicts a label at all (the graph then still reaches every parameter, with zero
+    gradients). Rows of at least two tokens."""
+    import torch
+
+    found = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if found.numel():
+        return found
+    return torch.tensor([labels.size(1) - 2], dtype=torch.long, device=labels.device)
 
 
 def token_loss_sum(
-    model: Any, batch: dict[str, Any], *, trim: bool = True, first: int | None = None
+    model: Any, batch: dict[str, Any], *, trim: bool = True, positions: Any = None
 ) -> tuple[Any, Any]:
     """Summed next-token cross entropy over target tokens, in fp32, and their count.
 
@@ -160,30 +167,33 @@ def token_loss_sum(
     chunk by chunk (chunked_token_loss), never upcasting all logits at once: unchunked, a
     2k-token row at a 128k vocabulary holds 1 GiB of fp32 logits plus as much for backward.
 
-    trim: logits only from the first position that predicts a target on (`logits_to_keep`,
-    where the model takes it). A RAFT prompt (documents and question) is most of a row and is
-    never a target, so its output-matrix products and its log-softmax over the vocabulary
-    (forward and backward) were pure waste: SmolLM2's output matrix is a fifth of its forward
-    FLOPs. The loss and every gradient are the same; only the work on ignored positions goes.
-    Off for fixed-shape torch.compile, where each new length would be a recompile. `first`:
-    first_predicting_position of the batch's labels, if the caller counted it on a CPU copy
-    (found from labels on a GPU, it would wait for the device once per call).
+    trim: logits only at the positions that predict a target in some row (`logits_to_keep`
+    with an index tensor, where the model takes it). A RAFT prompt (documents and question) is
+    most of a row and is never a target, so its output-matrix products and its log-softmax
+    over the vocabulary (forward and backward) were pure waste: SmolLM2's output matrix is a
+    fifth of its forward FLOPs. In a packed row the later examples' prompts sit between
+    answers, so positions, not a prefix, are what can be skipped. The loss and every gradient
+    are the same; only the work on ignored positions goes. Off for fixed-shape torch.compile,
+    where each new count would be a recompile. `positions`: predicting_positions of the batch's
+    labels, if the caller found them on a CPU copy (found from labels on a GPU, they would
+    wait for the device once per call).
     """
     import torch
 
     labels = batch["labels"]
-    keep = None
-    if trim and takes_logits_to_keep(model):
-        if first is None:
-            first = first_predicting_position(labels)
-        if first > 0:
-            keep, labels = labels.size(1) - first, labels[:, first:]
-    logits = model_logits(model, batch, keep)
-    # The model's output is ours alone (the model object returned with it is dropped here), so
-    # backward may overwrite it with its gradient.
-    loss = chunked_token_loss(logits, labels, overwrite=True)
     targets = labels[:, 1:]
-    return loss, (targets != IGNORE_INDEX).sum().to(torch.float64)
+    count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+    if trim and labels.size(1) > 1 and takes_logits_to_keep(model):
+        if positions is None:
+            positions = predicting_positions(labels)
+        logits = model_logits(model, batch, positions)
+        # The model's output is ours alone (the model object returned with it is dropped
+        # here), so backward may overwrite it with its gradient.
+        chunk = loss_chunk_tokens(logits.size(-1))
+        loss = _chunked_loss_function().apply(logits, targets[:, positions], chunk, True)
+        return loss, count
+    loss = chunked_token_loss(model_logits(model, batch), labels, overwrite=True)
+    return loss, count
 
 
 def target_count(batch: dict[str, Any]) -> float:

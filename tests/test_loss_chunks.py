@@ -200,8 +200,8 @@ def test_no_fp32_logits_are_saved_for_backward(monkeypatch, dtype: torch.dtype) 
 
 
 def test_prompt_positions_never_reach_the_output_matrix() -> None:
-    """RAFT rows are mostly prompt: the loss asks only for the logits from the first position
-    that predicts a target on, and loss and gradients stay those of the full logits."""
+    """RAFT rows are mostly prompt: the loss asks only for the logits of the positions that
+    predict a target in some row, and loss and gradients stay those of the full logits."""
     model = tiny_model()
     generator = torch.Generator().manual_seed(3)
     rows = []
@@ -216,25 +216,53 @@ def test_prompt_positions_never_reach_the_output_matrix() -> None:
     finally:
         hook.remove()
     width = batch["input_ids"].size(1)
-    # reference (all 45 positions), then token_loss_sum: from position 21, which predicts the
-    # first target (index 22 of the second row), to the end.
-    assert seen == [width, width - 21]
-    assert evaluate.first_predicting_position(batch["labels"]) == 21
-    # The loop hands over the start counted on the batch's CPU copy (prefetch.counted), so the
-    # device copy's labels are never read back: the given start is the one used.
+    # Targets sit at 30-35, 22-30 and 41-44, so positions 21-34 and 40-43 predict them: the
+    # reference computes all 45 positions, token_loss_sum those 18.
+    wanted = [*range(21, 35), *range(40, 44)]
+    assert evaluate.predicting_positions(batch["labels"]).tolist() == wanted
+    assert seen == [width, len(wanted)]
+    # The loop hands over the positions found on the batch's CPU copy (prefetch.counted), so
+    # the device copy's labels are never read back: the given positions are the ones used.
     from raft_dist.data.prefetch import counted
 
-    assert counted(batch).loss_start == 21
+    assert counted(batch).loss_positions.tolist() == wanted
     seen.clear()
     hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
     try:
         with torch.no_grad():
-            given, _ = token_loss_sum(model, batch, first=10)
+            given, _ = token_loss_sum(model, batch, positions=torch.arange(10, width - 1))
             found, _ = token_loss_sum(model, batch)
     finally:
         hook.remove()
-    assert seen == [width - 10, width - 21]
+    assert seen == [width - 11, len(wanted)]
     torch.testing.assert_close(given, found, rtol=1e-5, atol=0.0)
+
+
+def test_packed_rows_keep_only_the_answers_logits() -> None:
+    """In a packed row the second example's prompt lies between the answers: its positions are
+    skipped too, which a prefix trim could not do."""
+    from raft_dist.data.batching import collate_packed
+
+    model = tiny_model()
+    generator = torch.Generator().manual_seed(4)
+
+    def example(prompt: int, answer: int):
+        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=generator).tolist()
+        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+
+    batch = collate_packed([[example(20, 5), example(25, 4)]], pad_id=0)
+    # the answers are tokens 20-24 and 50-53 (the second example starts at 25)
+    assert evaluate.predicting_positions(batch["labels"]).tolist() == [
+        *range(19, 24),
+        *range(49, 53),
+    ]
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
+    try:
+        assert_same(model, batch)
+    finally:
+        hook.remove()
+    assert seen == [batch["input_ids"].size(1), 9]
 
 
 def test_wrapped_models_still_trim() -> None:
@@ -259,6 +287,6 @@ def test_wrapped_models_still_trim() -> None:
 
 def test_no_target_keeps_one_position() -> None:
     labels = torch.full((2, 7), IGNORE_INDEX)
-    assert evaluate.first_predicting_position(labels) == 6
+    assert evaluate.predicting_positions(labels).tolist() == [5]  # predicts label 6
     labels[1, 1] = 5  # the first label is never predicted; the second is, by position 0
-    assert evaluate.first_predicting_position(labels) == 0
+    assert evaluate.predicting_positions(labels).tolist() == [0]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raft_dist.data.batching import Batch
-from raft_dist.evaluate import first_predicting_position, target_count
+from raft_dist.evaluate import predicting_positions, target_count
 
 DEFAULT_DEPTH = 2
 _POLL_S = 0.2  # how often a blocked put/get looks at whether the other side went away
@@ -46,13 +46,16 @@ class Fed:
     batch: Batch
     target_tokens: float
     input_tokens: float
-    loss_start: int  # token_loss_sum's `first`: where the logits the loss needs begin
+    loss_positions: Any  # token_loss_sum's `positions`: where the loss needs logits
     pinned: bool = False
 
     def to(self, device: Any) -> Batch:
         # From pinned memory the copy to a GPU is asynchronous; from pageable memory torch
         # waits for the copy, and with it for every kernel queued before it.
         return {k: v.to(device, non_blocking=self.pinned) for k, v in self.batch.items()}
+
+    def positions_to(self, device: Any) -> Any:
+        return self.loss_positions.to(device, non_blocking=self.pinned)
 
 
 @dataclass
@@ -72,10 +75,11 @@ def counted(batch: Batch, pin_memory: bool = False) -> Fed:
         batch,
         target_count(batch),
         float(batch["attention_mask"].sum()),
-        first_predicting_position(batch["labels"]),
+        predicting_positions(batch["labels"]),
     )
     if pin_memory:
         fed.batch = {k: v.pin_memory() for k, v in batch.items()}
+        fed.loss_positions = fed.loss_positions.pin_memory()
         fed.pinned = True
     return fed
 

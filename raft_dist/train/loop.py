@@ -274,7 +274,7 @@ def fit(run: Run) -> Stop | None:
 def _fit_steps(run: Run, feed: Any) -> Stop | None:
     import torch
 
-    from raft_dist.evaluate import first_predicting_position, token_loss_sum
+    from raft_dist.evaluate import predicting_positions, token_loss_sum
     from raft_dist.train.checkpoint import save_checkpoint
 
     recipe, accelerator, state = run.recipe, run.accelerator, run.state
@@ -283,7 +283,8 @@ def _fit_steps(run: Run, feed: Any) -> Stop | None:
     accum, world = t.gradient_accumulation_steps, accelerator.num_processes
     device = accelerator.device
     pad = {k: v.to(device) for k, v in run.pad.items()}  # copied once, not once per use
-    pad_start = first_predicting_position(run.pad["labels"])  # on the CPU copy, as Fed's
+    # Found on the CPU copy, as Fed's: from the device copy they would wait for the device.
+    pad_positions = predicting_positions(run.pad["labels"]).to(device)
     # The checkpoint saves the position of the last batch the loop took (Prefetcher.state_dict).
     streams = {"train": feed}
     steps_this_run = 0
@@ -333,12 +334,12 @@ def _fit_steps(run: Run, feed: Any) -> Stop | None:
                         "accumulation counter and the loop's window disagree"
                     )
                 # Fixed-shape compile keeps every position: trimming the prompt's logits would
-                # give each batch its own length, and each length its own compile.
+                # give each batch its own count, and each count its own compile.
                 micro_loss, _ = token_loss_sum(
                     model,
                     batch,
                     trim=t.compile is not True,
-                    first=fed.loss_start if fed is not None else pad_start,
+                    positions=fed.positions_to(device) if fed is not None else pad_positions,
                 )
                 accelerator.backward(micro_loss * scale)
                 loss_sum += micro_loss.detach().double()
