@@ -10,7 +10,8 @@ Checks, in order of value (each prints one `RESULT` or `SKIP` line and writes <o
                    intermediate 5632, vocab 32000), 8 x 2048 tokens per step, AdamW, no
                    gradient checkpointing: tokens/s and MFU, target MFU >= 40 %
   d packed_attn    the packed block-causal mask (raft_dist.data.batching.block_causal_mask) with
-                   SDPA against flex_attention with a document mask: outputs and grads close
+                   SDPA against flex_attention with a document mask and against per-example
+                   SDPA (raft_dist.packed_attention): outputs and grads close
   b qlora_8b       Llama-3-8B shapes built in bf16 on the GPU, then quantized to NF4 (bitsandbytes),
                    LoRA r=16 on all linear layers, micro-batch 1 x 2048 tokens, gradient
                    checkpointing: training peak memory < 10 GiB, tokens/s
@@ -298,6 +299,7 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     from raft_dist.data.batching import block_causal_mask
+    from raft_dist.packed_attention import example_spans, per_example_attention
 
     device, length = ctx.device, ctx.sizes.attn_len
     heads, head_dim, batch = 8, 64, 2
@@ -314,6 +316,8 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
         rows.append(row + [-1] * (length - len(row)))
     sequence_ids = torch.tensor(rows, device=device)
     bool_mask = block_causal_mask(sequence_ids)  # (B, 1, L, L), True = may attend
+    spans = example_spans(sequence_ids)
+    real = (sequence_ids >= 0)[:, None, :, None]  # (B, 1, L, 1): a document's position
 
     def document_mask(b: Any, h: Any, q: Any, kv: Any) -> Any:
         same = sequence_ids[b, q] == sequence_ids[b, kv]
@@ -334,12 +338,17 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
         for dtype, tol in tolerances.items():
             base = torch.randn(3, batch, heads, length, head_dim, generator=generator)
             outs, grads = [], []
-            for impl in ("sdpa", "flex"):
+            for impl in ("sdpa", "flex", "per_example"):
                 q, k, v = (t.to(device, dtype).requires_grad_(backward) for t in base)
                 if impl == "sdpa":
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
-                else:
+                elif impl == "flex":
                     out = flex(q, k, v, block_mask=block_mask)
+                else:  # what the loop runs on the CPU: SDPA on each document's span
+                    out, _ = per_example_attention(
+                        torch.nn.Module(), q, k, v, None, packed_spans=spans
+                    )
+                    out = out.transpose(1, 2)  # (B, L, H, D) -> (B, H, L, D)
                 if backward:  # a loss that weighs every output element differently
                     weights = torch.linspace(-1, 1, out.size(-1), device=device, dtype=dtype)
                     (out * weights).sum().backward()
@@ -347,10 +356,21 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
                 outs.append(out.detach().float())
             out_diff = (outs[0] - outs[1]).abs().max().item()
             grad_diff = (
-                max((a - b).abs().max().item() for a, b in zip(*grads, strict=True))
+                max((a - b).abs().max().item() for a, b in zip(grads[0], grads[1], strict=True))
                 if backward
                 else math.nan
             )
+            # Per-example attention leaves padding positions at zero (nothing reads them):
+            # compared on the documents' positions only, outputs and gradients alike.
+            per_example_diff = ((outs[0] - outs[2]) * real).abs().max().item()
+            if backward:
+                per_example_diff = max(
+                    per_example_diff,
+                    *(
+                        ((a - b) * real).abs().max().item()
+                        for a, b in zip(grads[0], grads[2], strict=True)
+                    ),
+                )
             scale = max(outs[0].abs().max().item(), 1e-6)
             grad_scale = (
                 max(max(g.abs().max().item() for g in grads[0]), 1e-6) if backward else math.nan
@@ -361,8 +381,10 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
                 "out_scale": scale,
                 "grad_scale": grad_scale,
                 "tolerance": tol,
+                "max_abs_per_example_diff": per_example_diff,
                 "close": out_diff <= tol * scale
-                and (not backward or grad_diff <= tol * grad_scale),
+                and (not backward or grad_diff <= tol * grad_scale)
+                and per_example_diff <= tol * max(scale, grad_scale if backward else 0.0),
             }
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
@@ -370,6 +392,7 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
     detail = ", ".join(
         f"{name}: out {r['max_abs_out_diff']:.1e} "
         + (f"grad {r['max_abs_grad_diff']:.1e}" if backward else "grads not compared on CPU")
+        + f", per-example {r['max_abs_per_example_diff']:.1e}"
         for name, r in results.items()
     )
     return {
@@ -382,7 +405,7 @@ def check_packed_attn(ctx: Context) -> dict[str, Any]:
         "grads_compared": backward,
         "by_dtype": results,
         "verdict": "PASS" if ok else "FAIL",
-        "line": f"SDPA+block_causal_mask vs flex_attention ({detail}): "
+        "line": f"SDPA+block_causal_mask vs flex_attention and per-example SDPA ({detail}): "
         + ("close" if ok else "DIFFER"),
     }
 
