@@ -199,43 +199,51 @@ def test_no_fp32_logits_are_saved_for_backward(monkeypatch, dtype: torch.dtype) 
     assert vocabulary_wide_saves(token_loss_sum, model, batch) == []
 
 
+def example_row(generator: torch.Generator, prompt: int, answer: int):
+    """A random example: `prompt` masked tokens, then `answer` target tokens."""
+    ids = torch.randint(0, VOCAB, (prompt + answer,), generator=generator).tolist()
+    return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
+
+
+def lm_head_widths(model: Any, run: Any) -> list[int]:
+    """The positions each output-matrix call saw while run() ran."""
+    seen: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
 def test_prompt_positions_never_reach_the_output_matrix() -> None:
     """RAFT rows are mostly prompt: the loss asks only for the logits of the positions that
     predict a target in some row, and loss and gradients stay those of the full logits."""
     model = tiny_model()
     generator = torch.Generator().manual_seed(3)
-    rows = []
-    for prompt, answer in ((30, 6), (22, 9), (41, 4)):
-        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=generator).tolist()
-        rows.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
-    batch = collate(rows, pad_id=0)
-    seen = []
-    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
-    try:
-        assert_same(model, batch)
-    finally:
-        hook.remove()
+    batch = collate(
+        [example_row(generator, p, a) for p, a in ((30, 6), (22, 9), (41, 4))], pad_id=0
+    )
     width = batch["input_ids"].size(1)
     # Targets sit at 30-35, 22-30 and 41-44, so positions 21-34 and 40-43 predict them: the
     # reference computes all 45 positions, token_loss_sum those 18.
     wanted = [*range(21, 35), *range(40, 44)]
     assert evaluate.predicting_positions(batch["labels"]).tolist() == wanted
-    assert seen == [width, len(wanted)]
+    assert lm_head_widths(model, lambda: assert_same(model, batch)) == [width, len(wanted)]
     # The loop hands over the positions found on the batch's CPU copy (prefetch.counted), so
     # the device copy's labels are never read back: the given positions are the ones used.
     from raft_dist.data.prefetch import counted
 
     assert counted(batch).loss_positions.tolist() == wanted
-    seen.clear()
-    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
-    try:
+    losses = []
+
+    def both() -> None:
         with torch.no_grad():
-            given, _ = token_loss_sum(model, batch, positions=torch.arange(10, width - 1))
-            found, _ = token_loss_sum(model, batch)
-    finally:
-        hook.remove()
-    assert seen == [width - 11, len(wanted)]
-    torch.testing.assert_close(given, found, rtol=1e-5, atol=0.0)
+            losses.append(token_loss_sum(model, batch, positions=torch.arange(10, width - 1))[0])
+            losses.append(token_loss_sum(model, batch)[0])
+
+    assert lm_head_widths(model, both) == [width - 11, len(wanted)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0.0)
 
 
 def test_packed_rows_keep_only_the_answers_logits() -> None:
@@ -245,24 +253,13 @@ def test_packed_rows_keep_only_the_answers_logits() -> None:
 
     model = tiny_model()
     generator = torch.Generator().manual_seed(4)
-
-    def example(prompt: int, answer: int):
-        ids = torch.randint(0, VOCAB, (prompt + answer,), generator=generator).tolist()
-        return ids, [IGNORE_INDEX] * prompt + ids[prompt:]
-
-    batch = collate_packed([[example(20, 5), example(25, 4)]], pad_id=0)
+    row = [example_row(generator, 20, 5), example_row(generator, 25, 4)]
+    batch = collate_packed([row], pad_id=0)
     # the answers are tokens 20-24 and 50-53 (the second example starts at 25)
-    assert evaluate.predicting_positions(batch["labels"]).tolist() == [
-        *range(19, 24),
-        *range(49, 53),
-    ]
-    seen = []
-    hook = model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].size(1)))
-    try:
-        assert_same(model, batch)
-    finally:
-        hook.remove()
-    assert seen == [batch["input_ids"].size(1), 9]
+    wanted = [*range(19, 24), *range(49, 53)]
+    assert evaluate.predicting_positions(batch["labels"]).tolist() == wanted
+    widths = lm_head_widths(model, lambda: assert_same(model, batch))
+    assert widths == [batch["input_ids"].size(1), len(wanted)]
 
 
 def test_wrapped_models_still_trim() -> None:
