@@ -61,7 +61,9 @@ class DataConfig:
     # apart: positions restart and attention is block-diagonal, so the loss and gradients
     # equal unpacked training; an example is never split across rows. On the CPU with SDPA
     # attention (the default) each example's attention runs on its own span, so a packed row
-    # costs its examples' attention, not the whole row's (packed_attention.py).
+    # costs its examples' attention, not the whole row's (packed_attention.py). Refused for
+    # sliding-window models whose window is shorter than max_seq_len (packed attention cannot
+    # narrow to it).
     packing: bool = False
     # Length grouping, a cheaper alternative to packing: read a window of this many micro
     # batches of examples, sort them by token length (seeded order among equal lengths), cut

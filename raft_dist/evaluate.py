@@ -107,8 +107,8 @@ def chunked_token_loss(
 
 def model_logits(model: Any, batch: dict[str, Any], keep: Any = None) -> Any:
     """The model's (B, L, V) logits for a batch, plain or packed; with `keep` (a 1D tensor of
-    positions), only those positions' logits (B, len(keep), V): the model then never
-    multiplies the other positions' hidden states by its output matrix."""
+    positions, or an int: the last positions), only those positions' logits: the model then
+    never multiplies the other positions' hidden states by its output matrix."""
     kwargs = {} if keep is None else {"logits_to_keep": keep}
     if "sequence_ids" in batch:  # packed rows: examples apart (packed_attention.py)
         from raft_dist.packed_attention import packed_model_inputs
@@ -142,6 +142,13 @@ def unwrapped(model: Any) -> Any:
 def takes_logits_to_keep(model: Any) -> bool:
     """Whether the causal LM inside model's wrappers accepts `logits_to_keep`."""
     return _forward_takes_logits_to_keep(type(unwrapped(model)))
+
+
+def keeps_listed_positions(model: Any) -> bool:
+    """Whether `logits_to_keep` may be a tensor of positions: transformers' own model classes
+    take one (since 4.49, where the keyword appeared). Remote code may only slice with an int,
+    `hidden[:, -keep:]`, which a tensor would break or, with one position, silently misread."""
+    return type(unwrapped(model)).__module__.startswith("transformers.")
 
 
 def predicting_positions(labels: Any) -> Any:
@@ -183,15 +190,20 @@ def token_loss_sum(
     labels = batch["labels"]
     targets = labels[:, 1:]
     count = (targets != IGNORE_INDEX).sum().to(torch.float64)
+    # The model's output is ours alone (the model object returned with it is dropped here), so
+    # backward may overwrite the logits with their gradient.
     if trim and labels.size(1) > 1 and takes_logits_to_keep(model):
         if positions is None:
             positions = predicting_positions(labels)
-        logits = model_logits(model, batch, positions)
-        # The model's output is ours alone (the model object returned with it is dropped
-        # here), so backward may overwrite it with its gradient.
-        chunk = loss_chunk_tokens(logits.size(-1))
-        loss = _chunked_loss_function().apply(logits, targets[:, positions], chunk, True)
-        return loss, count
+        if keeps_listed_positions(model):
+            logits = model_logits(model, batch, positions)
+            chunk = loss_chunk_tokens(logits.size(-1))
+            loss = _chunked_loss_function().apply(logits, targets[:, positions], chunk, True)
+            return loss, count
+        # An int keeps the last positions: everything from the first predicting one on.
+        first = int(positions[0])
+        logits = model_logits(model, batch, labels.size(1) - first)
+        return chunked_token_loss(logits, labels[:, first:], overwrite=True), count
     loss = chunked_token_loss(model_logits(model, batch), labels, overwrite=True)
     return loss, count
 

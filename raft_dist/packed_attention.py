@@ -13,6 +13,9 @@ Two ways, one result (tests/test_packing.py checks both against the examples run
   SDPA attention (the default) and without torch.compile (each batch's spans would be a new
   graph). Calls without spans (unpacked batches, generation) go to plain SDPA with
   transformers' own SDPA mask, so the swapped model stays correct for everything else.
+
+Neither way narrows attention to a sliding or chunked window (Mistral, Gemma 3, Llama 4), so
+packing such a model is refused unless no example can outgrow its window (`check_packing`).
 """
 
 from __future__ import annotations
@@ -104,6 +107,16 @@ def per_example_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    # What plain causal SDPA on a span cannot apply must not be dropped silently.
+    unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    window = kwargs.get("sliding_window")
+    if window is not None and any(e - s > window for row in spans for s, e, _ in row):
+        unsupported.append(f"sliding_window={window} (an example is longer)")
+    if unsupported:
+        raise RuntimeError(
+            f"per-example attention cannot apply {', '.join(unsupported)}; train this model "
+            "without data.packing"
+        )
     rows = []
     # unbind and split, not indexing: their backward is one stack and one cat, where each
     # indexed slice's backward would write a zero-filled tensor of the whole input.
@@ -142,12 +155,66 @@ def _register() -> None:
 
 def use_per_example_attention(model: Any) -> bool:
     """Swap the model's SDPA attention for per-example attention; False (nothing changed) when
-    the model does not run SDPA. The swap is not saved: config.json does not record it."""
+    the model does not run SDPA, is not one of transformers' own classes (remote code may not
+    dispatch through the attention interface, and would then read the placeholder mask), or
+    transformers is too old for registered attention functions. The swap is not saved:
+    config.json does not record it."""
     from raft_dist.evaluate import unwrapped
 
     inner = unwrapped(model)
     if getattr(getattr(inner, "config", None), "_attn_implementation", None) != "sdpa":
         return False
-    _register()
-    inner.set_attn_implementation(PER_EXAMPLE)
+    if not type(inner).__module__.startswith("transformers."):
+        return False
+    try:
+        _register()
+        inner.set_attn_implementation(PER_EXAMPLE)
+    except (ImportError, AttributeError):  # before AttentionMaskInterface/set_attn_implementation
+        return False
     return inner.config._attn_implementation == PER_EXAMPLE
+
+
+def local_attention_window(model: Any) -> int | None:
+    """The narrowest window of the model's local-attention layers (sliding or chunked), None
+    when every layer attends to the whole sequence."""
+    from raft_dist.evaluate import unwrapped
+
+    config = getattr(unwrapped(model), "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    windows = [
+        w
+        for w in (
+            getattr(config, "sliding_window", None),
+            getattr(config, "attention_chunk_size", None),
+        )
+        if isinstance(w, int) and w > 0
+    ]
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        local = any(
+            kind != "full_attention" and ("sliding" in kind or "chunk" in kind)
+            for kind in layer_types
+        )
+        return min(windows) if local and windows else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return min(windows) if windows else None
+
+
+def check_packing(model: Any, max_seq_len: int, name: str) -> None:
+    """Packed rows keep examples apart but cannot narrow attention to a sliding or chunked
+    window: neither the block mask nor per-example SDPA carries it, so a local layer would see
+    further back than it was trained to. Exact when no example can exceed the window."""
+    from raft_dist.errors import ConfigError
+
+    window = local_attention_window(model)
+    if window is not None and window < max_seq_len:
+        raise ConfigError(
+            f"data.packing=true: {name} attends within a {window}-token window on some "
+            f"layers, shorter than data.max_seq_len={max_seq_len}, and packed attention does "
+            f"not apply that window; set data.max_seq_len <= {window}, or use "
+            "data.group_by_length instead of packing"
+        )

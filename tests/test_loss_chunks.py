@@ -262,6 +262,32 @@ def test_packed_rows_keep_only_the_answers_logits() -> None:
     assert widths == [batch["input_ids"].size(1), len(wanted)]
 
 
+class IntOnlyLlama(LlamaForCausalLM):
+    """Remote code as some repositories write it: `logits_to_keep` sliced as an int only."""
+
+    def forward(self, *args: Any, logits_to_keep: Any = 0, **kwargs: Any) -> Any:
+        if not isinstance(logits_to_keep, int):
+            raise TypeError("logits_to_keep must be an int here")
+        return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+
+def test_models_outside_transformers_keep_a_prefix() -> None:
+    """A class from outside transformers gets an int (everything from the first predicting
+    position on), never a tensor of positions it might misread."""
+    reference = tiny_model()
+    model = IntOnlyLlama(reference.config)
+    model.load_state_dict(reference.state_dict())
+    model.train()
+    assert evaluate.takes_logits_to_keep(model)
+    assert evaluate.keeps_listed_positions(reference)
+    assert not evaluate.keeps_listed_positions(model)
+    generator = torch.Generator().manual_seed(5)
+    batch = collate([example_row(generator, p, a) for p, a in ((12, 3), (7, 5))], pad_id=0)
+    width = batch["input_ids"].size(1)
+    # first predicting position: 6 (the second row's first target is token 7)
+    assert lm_head_widths(model, lambda: assert_same(model, batch)) == [width, width - 6]
+
+
 def test_wrapped_models_still_trim() -> None:
     """PEFT (get_base_model) and DDP/DeepSpeed (.module) wrappers pass logits_to_keep on."""
     from peft import LoraConfig, get_peft_model

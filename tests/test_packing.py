@@ -139,6 +139,57 @@ def test_per_example_attention_attends_within_examples_only(tmp_path: Path) -> N
     torch.testing.assert_close(after.logits[real], before.logits[real], rtol=1e-5, atol=1e-6)
 
 
+def test_local_attention_windows_are_found() -> None:
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    from raft_dist.packed_attention import local_attention_window
+
+    class Holder:  # local_attention_window reads the model's config
+        def __init__(self, config) -> None:
+            self.config = config
+
+    assert local_attention_window(Holder(LlamaConfig())) is None
+    assert local_attention_window(Holder(MistralConfig(sliding_window=16))) == 16
+    assert local_attention_window(Holder(MistralConfig(sliding_window=None))) is None
+    assert local_attention_window(Holder(Qwen2Config())) is None  # use_sliding_window=False
+    gemma = Gemma3TextConfig(sliding_window=32, num_hidden_layers=2)
+    assert local_attention_window(Holder(gemma)) == 32
+    gemma.layer_types = ["full_attention", "full_attention"]
+    assert local_attention_window(Holder(gemma)) is None
+
+
+def test_packing_a_sliding_window_model_past_its_window_is_refused(tmp_path: Path) -> None:
+    """Neither packed kernel narrows attention to a window: a packed sliding-window model
+    would silently attend further back than it should. Refused when an example could be
+    longer than the window; and should one be, per-example attention stops instead of
+    dropping the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from raft_dist.errors import ConfigError
+    from raft_dist.packed_attention import check_packing
+
+    config = MistralConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config)
+    with pytest.raises(ConfigError, match=r"8-token window .*data\.max_seq_len=64"):
+        check_packing(model, 64, "tiny-mistral")
+    check_packing(model, 8, "tiny-mistral")  # no example can outgrow the window
+    assert use_per_example_attention(model)
+    ids = torch.randint(0, 300, (12,)).tolist()
+    batch = collate_packed([[(ids[:4], ids[:4]), (ids, ids)]], pad_id=0)
+    with pytest.raises(RuntimeError, match="sliding_window=8"):
+        token_loss_sum(model, batch)
+
+
 def test_example_spans_cover_each_row_in_runs() -> None:
     ids = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 1, 2, 2, -1, -1]])
     assert example_spans(ids) == [

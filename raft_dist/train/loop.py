@@ -108,7 +108,7 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     from raft_dist.data.check import checked_data_for_run
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
-    from raft_dist.packed_attention import use_per_example_attention
+    from raft_dist.packed_attention import check_packing, use_per_example_attention
     from raft_dist.train.accelerator import (
         check_compile,
         compile_model,
@@ -165,8 +165,10 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     # Packed rows on the CPU: attention on each example's own span, not a row-wide block mask
     # that costs the whole row's L x L (packed_attention.py); not under compile, where every
     # batch's spans would be a new graph. Before prepare, like compile, on the bare model.
-    if d.packing and live.device == "cpu" and not compiled:
-        use_per_example_attention(model)
+    if d.packing:
+        check_packing(model, d.max_seq_len, recipe.model.name_or_path)
+        if live.device == "cpu" and not compiled:
+            use_per_example_attention(model)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
     audit_lines = trim_audit(paths, rank, resume_from) if d.record_audit else None
