@@ -281,6 +281,11 @@ def test_models_outside_transformers_keep_a_prefix() -> None:
     assert evaluate.takes_logits_to_keep(model)
     assert evaluate.keeps_listed_positions(reference)
     assert not evaluate.keeps_listed_positions(model)
+    from raft_dist.packed_attention import use_per_example_attention
+
+    # nor is its attention swapped: its own code might read the placeholder mask as a mask
+    assert model.config._attn_implementation == "sdpa"
+    assert not use_per_example_attention(model)
     generator = torch.Generator().manual_seed(5)
     batch = collate([example_row(generator, p, a) for p, a in ((12, 3), (7, 5))], pad_id=0)
     width = batch["input_ids"].size(1)
