@@ -1,9 +1,11 @@
 """ZeRO-1/2/3 (ZeRO-3 also built partitioned) and ZeRO-2 offload against DDP: memory and step time.
 
     .venv/bin/python bench/zero_bench.py [--steps 6] [--rounds 1] [--quiet-wait S] [--out DIR]
+        [--precision fp32|bf16] [--profiles zero3,zero3_init]
 
 Every run is a real 2-process `raft-dist launch` of the same recipe (a random 108M-parameter
-Llama, fp32, CPU, short synthetic examples) with only the profile changed. Step times come from
+Llama, CPU, short synthetic examples; fp32, or bf16 mixed precision with --precision bf16)
+with only the profile changed. Step times come from
 each run's metrics.jsonl, peak memory from the ranks' own ranks/rank{R}_peak.json, the memory
 held between steps from sampling the ranks' RSS. Each stage's saving against DDP is printed
 next to the saving the ZeRO paper's formula (Rajbhandari et al. 2020) predicts for parameters,
@@ -47,6 +49,9 @@ RANKS = 2
 WARMUP_STEPS = 2
 DEFAULT_STEPS = 6
 DEFAULT_ROUNDS = 1
+# bf16 matmuls run ~6x slower than fp32 on a CPU without bf16 instructions (a step ~45 s
+# here): two warm-up steps and two sampled ones.
+BF16_STEPS = 4
 # ZeRO-3 built partitioned must save at least this share of what the formula predicts.
 TARGET_SHARE_OF_PREDICTED = 0.70
 TARGET_PROFILE = "zero3_init"
@@ -78,7 +83,36 @@ MODEL_SEED = 20240601
 
 # Bytes per parameter: (parameters, gradients, optimizer states K).
 PAPER_MIXED = (2, 2, 12)  # fp16 params + fp16 grads; fp32 master, momentum, variance
-FP32_ADAM = (4, 4, 8)  # this run: fp32 params + fp32 grads; Adam exp_avg + exp_avg_sq
+FP32_ADAM = (4, 4, 8)  # fp32 params + fp32 grads; Adam exp_avg + exp_avg_sq
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the runs train, and the bytes per parameter the formula uses for each side."""
+
+    mixed_precision: str  # the recipe's training.mixed_precision
+    ddp_sizes: tuple[int, int, int]
+    zero_sizes: tuple[int, int, int]
+    note: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    # Everything fp32: the formula with K = 8 on both sides. DeepSpeed 0.19.8 keeps an fp32
+    # copy of each ZeRO-3 partition anyway (see bench/README.md), so ZeRO-3 falls short here.
+    "fp32": Precision(
+        "no", FP32_ADAM, FP32_ADAM, "fp32 weights, no mixed precision (P=4, G=4, K=8)"
+    ),
+    # What a GPU run uses and what the paper's formula describes: DeepSpeed holds bf16
+    # weights and gradients and an fp32 master copy with Adam's moments (2, 2, 12). DDP under
+    # Accelerate's autocast keeps fp32 weights and gradients plus the moments: 16 bytes too.
+    "bf16": Precision(
+        "bf16",
+        FP32_ADAM,
+        PAPER_MIXED,
+        "bf16 mixed precision: DDP autocast over fp32 weights (4, 4, 8), ZeRO the paper's "
+        "(P=2, G=2, K=12)",
+    ),
+}
 
 
 # ---- the shared model and recipe ----------------------------------------------------------
@@ -120,7 +154,7 @@ def write_data(path: Path) -> Path:
     return path
 
 
-def write_recipe(path: Path, model_dir: Path, steps: int) -> Path:
+def write_recipe(path: Path, model_dir: Path, steps: int, precision: str = "fp32") -> Path:
     """configs/tiny.yaml with the bench model, short examples and eval-free, save-free runs."""
     import yaml
 
@@ -136,6 +170,7 @@ def write_recipe(path: Path, model_dir: Path, steps: int) -> Path:
             "eval_every": 0,
             "eval_at_start": False,
             "save_every": 0,
+            "mixed_precision": PRECISIONS[precision].mixed_precision,
         }
     )
     recipe["output"] = {"dir": str(path.parent / "unused"), "save_final_model": False}
@@ -356,6 +391,11 @@ def probe_baseline(model_dir: Path) -> dict[str, float]:
     runtime = common.status_bytes("VmRSS")
     cfg = ModelConfig(name_or_path=str(model_dir), dtype="float32")
     model = load_model(cfg, load_tokenizer(cfg))
+    # Weights loaded from safetensors can stay file-backed until first read, and RSS counts
+    # only the pages a process touched: read every weight once so the model is resident, as
+    # it is in a rank after its first step (without this the figure was 378 or 785 MiB).
+    for param in model.parameters():
+        param.detach().sum()
     return {
         "runtime_rss_mib": None if runtime is None else runtime / MIB,
         "runtime_and_model_peak_rss_mib": common.peak_rss_bytes() / MIB,
@@ -393,11 +433,18 @@ def model_state_bytes(params: int, stage: int, sizes: tuple[int, int, int], rank
     return per_param * params
 
 
-def expected_mib(params: int) -> dict[str, dict[str, float]]:
+def expected_mib(params: int, precision: str = "fp32") -> dict[str, dict[str, float]]:
+    """Per profile: model states in fp32, in the paper's mixed precision, and in this run's
+    precision (DDP's sizes for stage 0, the ZeRO sizes otherwise)."""
+    mode = PRECISIONS[precision]
     return {
         name: {
-            "fp32_this_run": model_state_bytes(params, stage, FP32_ADAM, RANKS) / MIB,
+            "fp32": model_state_bytes(params, stage, FP32_ADAM, RANKS) / MIB,
             "paper_mixed_precision": model_state_bytes(params, stage, PAPER_MIXED, RANKS) / MIB,
+            "this_run": model_state_bytes(
+                params, stage, mode.zero_sizes if stage else mode.ddp_sizes, RANKS
+            )
+            / MIB,
         }
         for name, stage in STAGE.items()
     }
@@ -406,17 +453,19 @@ def expected_mib(params: int) -> dict[str, dict[str, float]]:
 # ---- summary, table, plot -------------------------------------------------------------------
 
 
-def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[str, Any]:
+def summarize(
+    runs: list[Run], params: int, baseline: dict[str, float], precision: str = "fp32"
+) -> dict[str, Any]:
     """Medians over rounds; the ratio to DDP is the median of per-round ratios, so each ratio
     compares runs taken minutes apart rather than across the whole invocation."""
     ok = [r for r in runs if r.returncode == 0 and r.step_s]
     by_round: dict[int, dict[str, Run]] = {}
     for run in ok:
         by_round.setdefault(run.round, {})[run.name] = run
-    expected = expected_mib(params)
+    expected = expected_mib(params, precision)
     base = baseline["runtime_and_model_peak_rss_mib"]
     profiles: dict[str, Any] = {}
-    for name in PROFILES:
+    for name in dict.fromkeys(r.name for r in runs):
         mine = [r for r in ok if r.name == name]
         ratios = [
             rnd[name].median_step_s / rnd["ddp"].median_step_s
@@ -447,6 +496,7 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
         }
     return {
         "parameters": params,
+        "precision": precision,
         "ranks": RANKS,
         "baseline": baseline,
         "profiles": profiles,
@@ -458,7 +508,8 @@ def summarize(runs: list[Run], params: int, baseline: dict[str, float]) -> dict[
 
 def savings(ok: list[Run], expected: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Per profile: how much less each rank holds between steps than under DDP (floor RSS, max
-    over ranks, DDP run of the same round) against the fp32 formula's prediction.
+    over ranks, DDP run of the same round) against the formula's prediction in the run's
+    precision.
 
     predicted = (DDP's model states - the stage's model states), per rank, in MiB: the runtime,
     activations and buffers are in both floors and cancel out of the difference."""
@@ -466,12 +517,12 @@ def savings(ok: list[Run], expected: dict[str, dict[str, float]]) -> dict[str, A
     for run in ok:
         if run.floor_rss_mib:
             by_round.setdefault(run.round, {})[run.name] = run
-    ddp_states = expected["ddp"]["fp32_this_run"]
+    ddp_states = expected["ddp"]["this_run"]
     result: dict[str, Any] = {}
-    for name in PROFILES:
+    for name in dict.fromkeys(r.name for r in ok):
         if name == "ddp":
             continue
-        predicted = ddp_states - expected[name]["fp32_this_run"]
+        predicted = ddp_states - expected[name]["this_run"]
         measured = [
             max(rnd["ddp"].floor_rss_mib.values()) - max(rnd[name].floor_rss_mib.values())
             for rnd in by_round.values()
@@ -549,7 +600,8 @@ def table(summary: dict[str, Any]) -> str:
         "peak RSS MiB",
         "- baseline",
         "floor - baseline",
-        "fp32 states MiB",
+        "states MiB (this run)",
+        "fp32 MiB",
         "paper mixed MiB",
     )
     rows = []
@@ -563,7 +615,8 @@ def table(summary: dict[str, Any]) -> str:
                 f"{p['peak_rss_mib_max_rank']:.0f}",
                 f"{p['peak_minus_baseline_mib']:+.0f}",
                 f"{p['floor_minus_baseline_mib']:+.0f}",
-                f"{exp['fp32_this_run']:.0f}",
+                f"{exp['this_run']:.0f}",
+                f"{exp['fp32']:.0f}",
                 f"{exp['paper_mixed_precision']:.0f}",
             )
         )
@@ -591,8 +644,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ("peak RSS - baseline (measured)", [prof[n]["peak_minus_baseline_mib"] for n in names]),
         ("floor RSS - baseline (measured)", [prof[n]["floor_minus_baseline_mib"] for n in names]),
         (
-            "fp32 model states (expected)",
-            [prof[n]["expected_model_states_mib"]["fp32_this_run"] for n in names],
+            f"{summary['precision']} model states (expected)",
+            [prof[n]["expected_model_states_mib"]["this_run"] for n in names],
         ),
         (
             "paper mixed precision (expected)",
@@ -619,10 +672,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 # ---- main ---------------------------------------------------------------------------------------
 
 
-def round_order(round_: int) -> list[str]:
+def round_order(round_: int, names: list[str] | None = None) -> list[str]:
     """DDP first in even rounds, last in odd ones: drift of a shared machine averages out."""
-    names = list(PROFILES)
+    names = list(PROFILES) if names is None else names
     return names if round_ % 2 == 0 else names[::-1]
+
+
+def chosen_profiles(listed: str | None) -> list[str]:
+    """--profiles as a list in PROFILES order; DDP (the reference) and the target always run."""
+    if not listed:
+        return list(PROFILES)
+    wanted = {name.strip() for name in listed.split(",") if name.strip()}
+    unknown = sorted(wanted - set(PROFILES))
+    if unknown:
+        known = ", ".join(PROFILES)
+        raise ValueError(f"--profiles: unknown {', '.join(unknown)}; choose from {known}")
+    wanted |= {"ddp", TARGET_PROFILE}
+    return [name for name in PROFILES if name in wanted]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -643,8 +709,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="leave glibc's dynamic mmap threshold on (see MALLOC_ENV): ZeRO-3's floor then "
         "includes the allocator's cache of freed gather buffers",
     )
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp32",
+        help="fp32 (default) or bf16 mixed precision, the layout the paper's formula describes "
+        "(bf16 matmuls are ~6x slower than fp32 on a CPU without bf16 instructions)",
+    )
+    parser.add_argument(
+        "--profiles",
+        metavar="A,B",
+        help=f"comma-separated subset of {', '.join(PROFILES)}; ddp and {TARGET_PROFILE} "
+        "always run",
+    )
     parser.add_argument("--probe-baseline", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.profiles = chosen_profiles(args.profiles)
+    except ValueError as err:
+        parser.error(str(err))
     if args.probe_baseline is None and args.steps <= WARMUP_STEPS + 1:
         parser.error(f"--steps must be above {WARMUP_STEPS + 1} ({WARMUP_STEPS} are warm-up)")
     if args.rounds < 1:
@@ -659,31 +742,36 @@ def measure(
     out: Path = common.RESULTS,
     log: common.Log = print,
     malloc_default: bool = False,
+    precision: str = "fp32",
+    profiles: list[str] | None = None,
 ) -> dict[str, Any]:
-    """All launches of one invocation; writes zero.json and zero.png, returns what it wrote.
+    """All launches of one invocation; writes zero.json and zero.png (zero_bf16.* for bf16),
+    returns what it wrote.
 
     Kept apart from main so that bench/run.py can call it like its other benchmarks.
     """
     started = time.perf_counter()
-    runs_root = out / "zero_runs"
+    stem = result_stem(precision)
+    profiles = list(PROFILES) if profiles is None else profiles
+    runs_root = out / f"{stem}_runs"
     shutil.rmtree(runs_root, ignore_errors=True)
     runs_root.mkdir(parents=True)
     params = build_model(out / "zero_model")
-    recipe = write_recipe(runs_root / "recipe.yaml", out / "zero_model", steps)
+    recipe = write_recipe(runs_root / "recipe.yaml", out / "zero_model", steps, precision)
     log(f"model: {params / 1e6:.1f}M parameters in {out / 'zero_model'}")
     baseline = baseline_rss(out / "zero_model")
     log(
         f"baseline: runtime {baseline['runtime_rss_mib']:.0f} MiB, runtime + model "
         f"{baseline['runtime_and_model_peak_rss_mib']:.0f} MiB"
     )
-    if not ops_compiled():
+    if "zero2_offload" in profiles and not ops_compiled():
         log("untimed warm-up launch of zero2_offload (DeepSpeed compiles its CPU ops)")
         warm = launch("zero2_offload", -1, recipe, runs_root / "warmup_zero2_offload", steps)
         log(f"  done in {warm.wall_s:.0f} s (rc {warm.returncode})")
 
     runs: list[Run] = []
     for round_ in range(rounds):
-        for name in round_order(round_):
+        for name in round_order(round_, profiles):
             waited = common.wait_for_quiet(quiet_wait)
             run_dir = runs_root / f"r{round_}_{name}"
             run = launch(name, round_, recipe, run_dir, steps, malloc_default)
@@ -700,7 +788,7 @@ def measure(
             if run.returncode != 0:
                 log(f"  see {run.run_dir}/launch.log")
 
-    summary = summarize(runs, params, baseline)
+    summary = summarize(runs, params, baseline, precision)
     payload = {
         "command": common.command_line(),
         "wall_s": time.perf_counter() - started,
@@ -709,7 +797,12 @@ def measure(
         "warmup_steps_excluded": WARMUP_STEPS,
         "model_shape": MODEL_SHAPE,
         "model_seed": MODEL_SEED,
-        "bytes_per_param": {"fp32_this_run": FP32_ADAM, "paper_mixed_precision": PAPER_MIXED},
+        "precision": precision,
+        "bytes_per_param": {
+            "ddp": PRECISIONS[precision].ddp_sizes,
+            "zero": PRECISIONS[precision].zero_sizes,
+            "paper_mixed_precision": PAPER_MIXED,
+        },
         "load_avg_at_end": os.getloadavg(),
         "malloc_env": {} if malloc_default else MALLOC_ENV,
         "contended_runs": [
@@ -719,9 +812,14 @@ def measure(
         "summary": summary,
         "runs": [{**asdict(r), "median_step_s": r.median_step_s} for r in runs],
     }
-    common.write_json(out / "zero.json", payload)
-    plot(summary, out / "zero.png")
+    common.write_json(out / f"{stem}.json", payload)
+    plot(summary, out / f"{stem}.png")
     return payload
+
+
+def result_stem(precision: str) -> str:
+    """zero for fp32 (the default), zero_bf16 for bf16: both can sit in bench/results."""
+    return "zero" if precision == "fp32" else f"zero_{precision}"
 
 
 def report_lines(payload: dict[str, Any]) -> list[str]:
@@ -730,8 +828,9 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     baseline = summary["baseline"]
     lines = [table(summary), savings_table(summary)]
     share, met = target_verdict(summary)
+    precision = payload.get("precision", "fp32")
     lines.append(
-        f"target: {TARGET_PROFILE} (ZeRO-3, model built partitioned) saves at least "
+        f"target ({precision}): {TARGET_PROFILE} (ZeRO-3, model built partitioned) saves at least "
         f"{TARGET_SHARE_OF_PREDICTED:.0%} of the predicted saving: measured / predicted = "
         f"{share:.2f}, " + ("met" if met else "NOT met")
     )
@@ -745,10 +844,10 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
         )
     lines.append(
         "saving = DDP's floor RSS minus the profile's (max over ranks, same round); predicted = "
-        "the ZeRO paper's per-rank model states in fp32, (P+G+K)Ψ for DDP minus the stage's "
-        "(P=4, G=4, K=8 bytes per parameter: Adam exp_avg + exp_avg_sq; ZeRO-1 saves KΨ/2, "
-        "ZeRO-2 (G+K)Ψ/2, ZeRO-3 (P+G+K)Ψ/2 on 2 ranks); the runtime, activations and buffers "
-        "are in both floors and cancel. stage3_param_persistence_threshold = "
+        "the ZeRO paper's per-rank model states, (P+G+K)Ψ for DDP minus the stage's (ZeRO-1: "
+        "(P+G)Ψ + KΨ/N, ZeRO-2: PΨ + (G+K)Ψ/N, ZeRO-3: (P+G+K)Ψ/N, N = 2), bytes per "
+        f"parameter: {PRECISIONS[precision].note}; the runtime, activations and buffers are "
+        "in both floors and cancel. stage3_param_persistence_threshold = "
         f"{summary['persistence_threshold']} elements (ds_configs/zero3.json): ZeRO-3 holds "
         "parameters up to that size whole on every rank while training"
         + (
@@ -766,7 +865,8 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
     if payload["failed_runs"]:
         lines.append("failed: " + ", ".join(payload["failed_runs"]))
     lines.append(
-        f"fp32 on CPU, {RANKS} ranks, {summary['parameters'] / 1e6:.1f}M parameters; 'step s' = "
+        f"{precision} on CPU, {RANKS} ranks, {summary['parameters'] / 1e6:.1f}M parameters; "
+        "'step s' = "
         f"median over rounds of each run's median step (steps {WARMUP_STEPS + 1}-{steps}); "
         "'- baseline': minus the peak RSS of a process that imported the libraries and built "
         f"the model ({baseline['runtime_and_model_peak_rss_mib']:.0f} MiB; imports alone "
@@ -786,9 +886,10 @@ def report_lines(payload: dict[str, Any]) -> list[str]:
 def report_rows(payload: dict[str, Any]) -> list[common.Row]:
     """(metric, value, target, verdict) rows for bench/run.py's table."""
     share, met = target_verdict(payload["summary"])
+    precision = payload.get("precision", "fp32")
     rows = [
         (
-            f"{TARGET_PROFILE} saving vs DDP / predicted",
+            f"{TARGET_PROFILE} saving vs DDP / predicted ({precision})",
             f"{share:.2f}",
             f">= {TARGET_SHARE_OF_PREDICTED:.2f}",
             "met" if met else "NOT met",
@@ -796,11 +897,11 @@ def report_rows(payload: dict[str, Any]) -> list[common.Row]:
     ]
     for name, p in payload["summary"]["profiles"].items():
         exp = p["expected_model_states_mib"]
-        rows.append((f"{name} step time / DDP", f"{p['ratio_to_ddp']:.2f}", "", ""))
+        rows.append((f"{name} step time / DDP ({precision})", f"{p['ratio_to_ddp']:.2f}", "", ""))
         rows.append(
             (
-                f"{name} peak RSS MiB (max rank)",
-                f"{p['peak_rss_mib_max_rank']:.0f} (states: fp32 {exp['fp32_this_run']:.0f}, "
+                f"{name} peak RSS MiB (max rank, {precision})",
+                f"{p['peak_rss_mib_max_rank']:.0f} (states: {exp['this_run']:.0f}, "
                 f"paper {exp['paper_mixed_precision']:.0f})",
                 "",
                 "",
@@ -815,12 +916,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(probe_baseline(args.probe_baseline)))
         return 0
     payload = measure(
-        args.steps, args.rounds, args.quiet_wait, args.out, common.progress, args.malloc_default
+        args.steps,
+        args.rounds,
+        args.quiet_wait,
+        args.out,
+        common.progress,
+        args.malloc_default,
+        args.precision,
+        args.profiles,
     )
     print()
     print("\n\n".join(report_lines(payload)))
     print(f"total {payload['wall_s']:.0f} s")
-    print(f"written: {args.out / 'zero.json'}, {args.out / 'zero.png'}")
+    stem = result_stem(args.precision)
+    print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.png')}")
     return 1 if payload["failed_runs"] else 0
 
 
