@@ -448,14 +448,15 @@ def adapter_check(ctx: Context, quantized: bool) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from raft_dist.model import enable_gradient_checkpointing
+
     sizes, device = ctx.sizes, ctx.device
     reset_memory(device)
     model = random_llama(sizes.model_8b, device, torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     replaced = quantize_linears_nf4(model, device) if quantized else 0
     model.requires_grad_(False)
-    # Non-reentrant checkpointing: LoRA weights inside checkpointed blocks get their gradients.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)  # the training loop's own (non-reentrant)
     model.enable_input_require_grads()
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     model = get_peft_model(model, lora)

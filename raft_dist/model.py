@@ -57,8 +57,15 @@ def torch_dtype(name: str) -> Any:
 
 def enable_gradient_checkpointing(model: Any) -> None:
     """Non-reentrant: with the reentrant variant, LoRA gradients inside checkpointed blocks
-    are missing. The KV cache is useless in training and conflicts with checkpointing."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    are missing. The KV cache is useless in training and conflicts with checkpointing.
+
+    transformers 5.2x renamed it activation_checkpointing_enable and warns on every call of the
+    old name, which goes away in v6; older releases (the GPU machines' 5.17) only have that."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -254,3 +255,55 @@ def test_only_lora_parameters_change(quantized: bool) -> None:
             assert not param.detach().equal(before[name]), name
         else:
             assert param.detach().equal(before[name]), name
+
+
+@pytest.mark.parametrize("recipe_name", ["tiny.yaml", "tiny-lora.yaml"])
+def test_gradient_checkpointing_recomputes_the_layers(recipe_name: str) -> None:
+    """training.gradient_checkpointing=true really checkpoints: a decoder layer's MLP runs its
+    forward again during backward, and once without it. A setting that silently did nothing
+    would otherwise only show as memory never saved."""
+    from raft_dist.adapters import build_training_model
+    from raft_dist.evaluate import token_loss_sum, unwrapped
+    from raft_dist.model import load_tokenizer
+
+    root = Path(__file__).resolve().parent.parent
+    calls = {}
+    for checkpointing in (False, True):
+        recipe = load_recipe(
+            root / "configs" / recipe_name,
+            [f"training.gradient_checkpointing={str(checkpointing).lower()}"],
+        )
+        tokenizer = load_tokenizer(recipe.model)
+        model = build_training_model(recipe, tokenizer)
+        model.train()
+        # Counted on forward itself: module hooks do not fire when checkpointing recomputes.
+        mlp = unwrapped(model).model.layers[0].mlp
+        count, forward = [0], mlp.forward
+
+        def counting(*args: Any, _f: Any = forward, _n: list = count, **kwargs: Any) -> Any:
+            _n[0] += 1
+            return _f(*args, **kwargs)
+
+        mlp.forward = counting
+        ids = torch.randint(5, len(tokenizer), (2, 16))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        calls[checkpointing] = count[0]
+        if checkpointing:
+            assert unwrapped(model).config.use_cache is False
+    assert calls == {False: 1, True: 2}
+
+
+def test_enabling_gradient_checkpointing_does_not_warn() -> None:
+    """transformers 5.2x deprecates gradient_checkpointing_enable with a warning per call."""
+    import warnings
+
+    from raft_dist.config import ModelConfig
+    from raft_dist.model import enable_gradient_checkpointing, load_model, load_tokenizer
+
+    cfg = ModelConfig()
+    model = load_model(cfg, load_tokenizer(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enable_gradient_checkpointing(model)
