@@ -672,9 +672,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
 # ---- main ---------------------------------------------------------------------------------------
 
 
-def round_order(round_: int, names: list[str] | None = None) -> list[str]:
+def round_order(round_: int, names: list[str]) -> list[str]:
     """DDP first in even rounds, last in odd ones: drift of a shared machine averages out."""
-    names = list(PROFILES) if names is None else names
     return names if round_ % 2 == 0 else names[::-1]
 
 
@@ -752,7 +751,7 @@ def measure(
     """
     started = time.perf_counter()
     stem = result_stem(precision)
-    profiles = list(PROFILES) if profiles is None else profiles
+    profiles = chosen_profiles(None) if profiles is None else profiles
     runs_root = out / f"{stem}_runs"
     shutil.rmtree(runs_root, ignore_errors=True)
     runs_root.mkdir(parents=True)
