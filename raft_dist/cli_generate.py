@@ -269,7 +269,8 @@ def convert(inputs: tuple[str, ...], fmt: str, out: str, overwrite: bool) -> Non
     """Convert RAFT data between formats.
 
     INPUTS are data set folders (manifest + train/eval), folders or files of JSONL in any format
-    the trainer reads or chat JSONL, Parquet files, or datasets folders. Splits are kept.
+    the trainer reads (chat included), .json arrays of records, Parquet files, or datasets
+    folders. Splits are kept.
     Converting back to raft restores every record the target format could hold: raft_paper
     drops "meta"; instruction, prompt_completion and chat hold only the rendered prompt and
     the answer (documents, oracle and question are not separate any more), and come back as
@@ -280,6 +281,7 @@ def convert(inputs: tuple[str, ...], fmt: str, out: str, overwrite: bool) -> Non
       raft-dist convert data/demo --to chat --out data/demo-chat
       raft-dist convert data/demo --to parquet --out demo.parquet
       raft-dist convert hub-export/ --to raft --out data/imported
+      raft-dist convert alpaca_data.json --to raft --out alpaca.jsonl
     """
     from raft_dist.generate.convert import convert as run_convert
 

@@ -483,6 +483,56 @@ def test_convert_mixed_records_through_parquet(native: Path, tmp_path: Path) -> 
     assert got[4] == Example("mixed.jsonl:5", "Be brief.\n\nSay hi.", "hi")
 
 
+def test_convert_reads_json_files(tmp_path: Path, capsys) -> None:
+    """A .json array (Alpaca's shape), one record, or JSON Lines under a .json name all convert;
+    the array's items are numbered as lines."""
+    rows = [
+        {"instruction": "What is 2+2?", "input": "", "output": "4"},
+        {"id": "c1", "messages": [{"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": "Hello"}]},
+    ]  # fmt: skip
+    as_jsonl = tmp_path / "rows.jsonl"
+    as_jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    want = [record for _, record in iter_records(as_jsonl)]
+    files = {
+        "array.json": json.dumps(rows, indent=2),
+        "lines.json": as_jsonl.read_text(),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f"{name}.out.jsonl"
+        assert run_main("convert", str(tmp_path / name), "--to", "raft", "--out", str(out)) == 0
+        got = [record for _, record in iter_records(out)]
+        assert [(r.prompt, r.completion) for r in got] == [(r.prompt, r.completion) for r in want]
+        assert got[0].id == f"{name}:1" and got[1].id == "c1"
+    single = tmp_path / "single.json"
+    single.write_text(json.dumps(rows[0], indent=1))
+    assert convert([str(single)], "raft", tmp_path / "single.jsonl", overwrite=False).splits == {
+        "train": 1
+    }
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([rows[0], {"prompt": 3, "completion": "x"}], indent=1))
+    assert run_main("convert", str(bad), "--to", "raft", "--out", str(tmp_path / "x.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: " in err and 'field "prompt" must be a string' in err, err
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"prompt": "a",\n  oops}]')
+    assert run_main("convert", str(broken), "--to", "raft", "--out", str(tmp_path / "y.jsonl")) == 2
+    assert f"{broken}:2: malformed JSON" in capsys.readouterr().err
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    assert run_main("convert", str(scalar), "--to", "raft", "--out", str(tmp_path / "z.jsonl")) == 2
+    assert "an array of records or one record" in capsys.readouterr().err
+    # In a folder only .jsonl and .parquet are data: a dataset_info.json beside them is not read.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(as_jsonl.read_text())
+    (folder / "dataset_info.json").write_text('{"description": "not a record"}')
+    assert convert([str(folder)], "raft", tmp_path / "f.jsonl", overwrite=False).splits == {
+        "train": 2
+    }
+
+
 def test_convert_bad_inputs(native: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.jsonl"
     first = shards(native)["train"].splitlines()[0]

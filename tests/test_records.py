@@ -15,7 +15,7 @@ from raft_dist.data.answers import (
     extract_quotes,
 )
 from raft_dist.data.prompts import render_prompt
-from raft_dist.data.reader import iter_examples, iter_jsonl, iter_records
+from raft_dist.data.reader import iter_examples, iter_jsonl, iter_records, read_records
 from raft_dist.data.records import (
     Document,
     Example,
@@ -27,6 +27,8 @@ from raft_dist.data.records import (
 )
 from raft_dist.errors import DataError
 
+U = '{"role": "user", "content": "q"}'  # chat messages, as they appear in a JSONL line
+A = '{"role": "assistant", "content": "a"}'
 COT = f"{BEGIN_QUOTE}Paris is the capital of France.{END_QUOTE} So it is Paris. {ANSWER_TAG} Paris"
 
 
@@ -173,6 +175,36 @@ def test_instruction_and_prompt_completion_formats(tmp_path: Path) -> None:
     assert examples[2] == Example("mixed.jsonl:3", "2+2=", "4")
 
 
+def test_chat_formats(tmp_path: Path) -> None:
+    """OpenAI/TRL messages and ShareGPT conversations train as prompt/completion examples."""
+    path = write_lines(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "2+2="},
+                    {"role": "assistant", "content": "4"},
+                ]
+            },
+            {
+                "id": "s1",
+                "source": "forum",
+                "conversations": [
+                    {"from": "system", "value": "Be brief."},
+                    {"from": "human", "value": "Say hi."},
+                    {"from": "gpt", "value": "hi"},
+                ],
+            },
+        ],
+    )
+    examples = [ex for _, ex in iter_examples(path)]
+    assert examples[0] == Example("chat.jsonl:1", "2+2=", "4")
+    assert examples[1] == Example("s1", "Be brief.\n\nSay hi.", "hi", meta={"source": "forum"})
+    assert detect_format({"messages": []}) == detect_format({"conversations": []}) == "chat"
+    # A record that also names another format's fields is read as that format.
+    assert detect_format({"messages": [], "prompt": "p", "completion": "c"}) == "prompt_completion"
+
+
 def test_missing_id_defaults_to_file_position(tmp_path: Path) -> None:
     record = native()
     del record["id"]
@@ -218,6 +250,15 @@ def test_utf8_bom_is_tolerated(tmp_path: Path) -> None:
         (json.dumps(paper(context={"sentences": []})), 'field "context.sentences" must not be'),
         (json.dumps({"instruction": "x", "output": 3}), 'field "output" must be a string, got int'),
         (json.dumps({"prompt": "x"}), 'missing required field "completion"'),
+        ('{"messages": "q"}', 'field "messages" must be a non-empty list, got string'),
+        ('{"messages": []}', 'field "messages" must be a non-empty list'),
+        ('{"messages": ["q"]}', 'field "messages[0]" must be an object'),
+        ('{"messages": [{"role": "user", "content": 1}]}', 'field "messages[0].content" must'),
+        ('{"conversations": [{"from": "human"}]}', 'field "conversations[0].value" must'),
+        (f'{{"messages": [{A}, {U}]}}', "found roles [assistant, user]"),
+        (f'{{"messages": [{U}, {A}, {U}, {A}]}}', "one user and then one assistant message"),
+        ('{"conversations": [{"from": "bot", "value": "a"}]}', "found roles [bot]"),
+        ('{"messages": [{"role": "user", "content": " "}, ' + A + "]}", "must not be empty"),
     ],
 )
 def test_bad_records_name_file_line_and_reason(tmp_path: Path, line: str, reason: str) -> None:
@@ -241,9 +282,40 @@ def test_missing_native_field(tmp_path: Path, field: str) -> None:
 
 def test_unknown_format_lists_expected_formats(tmp_path: Path) -> None:
     err = error_for(tmp_path, '{"text": "hello"}')
-    for fmt in ("raft", "raft_paper", "instruction", "prompt_completion"):
+    for fmt in ("raft", "raft_paper", "instruction", "prompt_completion", "chat"):
         assert fmt in err.reason
     assert "[text]" in err.reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "c", "completion": "d"}\n]\n',
+        '[{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]',
+        '{\n  "prompt": "a",\n  "completion": "b"\n}\n',
+        "\n\n[\n]\n",
+    ],
+    ids=["array", "one-line-array", "object", "empty-array-after-blank-lines"],
+)
+def test_json_document_is_refused_once_with_the_fix(tmp_path: Path, text: str) -> None:
+    """A .json export is one error for the file naming `convert`, not an error per line, and
+    skip_invalid does not skip it (that would train on nothing)."""
+    path = tmp_path / "export.json"
+    path.write_text(text, encoding="utf-8")
+    for read in (
+        lambda: list(read_records(path)),
+        lambda: list(iter_records(path, skip_invalid=True)),
+    ):
+        with pytest.raises(DataError) as info:
+            read()
+        assert info.value.line is None and info.value.path == str(path)
+        assert "one JSON document" in info.value.reason
+        assert f"raft-dist convert {path} --to raft" in info.value.reason
+
+
+def test_a_json_array_after_the_first_record_is_a_bad_line(tmp_path: Path) -> None:
+    err = error_for(tmp_path, '[{"prompt": "a", "completion": "b"}]')
+    assert "record must be a JSON object, got list" in err.reason
 
 
 def test_invalid_utf8_is_reported(tmp_path: Path) -> None:

@@ -10,6 +10,9 @@ read files here, so they apply the same rules and cannot disagree about a file:
 * A line longer than `MAX_LINE_BYTES` is an error for that line (it is never read whole into
   memory), not a crash of the whole file.
 * A file with no record is an error for the data set, since it usually means a failed write.
+* A file that is one JSON document (an array of records, as Alpaca and many exports ship, or an
+  object spread over lines) is refused once, for the file, with the command that rewrites it,
+  instead of as a malformed JSON error on every line.
 * Every error is a `DataError` naming the file and the line.
 
 `read_records` is the function the issue calls "the reader": a file becomes (line number,
@@ -19,6 +22,7 @@ parsed record or the DataError for that line). The other functions are views of 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,11 @@ UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 # Far above any real record (ten long documents are ~100 KB) and small enough to hold.
 MAX_LINE_BYTES = 64 * 2**20
 EMPTY_FILE = "the shard is empty (no records)"
+JSON_DOCUMENT = (
+    "the file is one JSON document (an array of records, or an object over several lines), not "
+    "JSON Lines with one record per line; `raft-dist convert {path} --to raft --out FILE.jsonl` "
+    "rewrites it"
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,23 @@ def loads_json(text: str, path: object, line: int | None) -> object:
         raise DataError(path, line, "malformed JSON: nested too deeply") from None
 
 
+def load_json_file(path: str | Path, what: str = "file") -> object:
+    """A whole file as one JSON value (a manifest, a `.json` export); every way it can be
+    unreadable is a DataError naming it, and a syntax error names its line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(path, None, f"cannot read the {what}: {exc.strerror or exc}") from None
+    raw = _strip_bom(path, raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(path, line, f"the {what} is not valid UTF-8") from None
+    return loads_json(text, path, None)
+
+
 def parse_line(line: Line) -> Record:
     return parse_record(decode_json(line), line.path, line.line)
 
@@ -167,13 +193,26 @@ def read_records(
 ) -> Iterator[tuple[int, Record | DataError]]:
     """(line number, parsed record | the DataError of that line) for each record.
 
-    A file that cannot be opened, or that is UTF-16, raises: there is no line to blame.
+    A file that cannot be opened, that is UTF-16 or that is one JSON document raises: there is
+    no line to blame.
     """
+    first = start == 0
     for line in iter_lines(path, start=start, stop=stop, digest=digest):
         try:
             yield line.line, parse_line(line)
         except DataError as exc:
+            if first and opens_json_document(line.raw):
+                where = shlex.quote(str(path))
+                raise DataError(path, None, JSON_DOCUMENT.format(path=where)) from None
             yield line.line, exc
+        first = False
+
+
+def opens_json_document(raw: bytes) -> bool:
+    """Whether a file's first record line, which did not parse as a record, is where a whole-file
+    JSON document starts: an array (`[` alone, or a one-line array) or a lone `{`."""
+    head = raw.strip()
+    return head.startswith(b"[") or head == b"{"
 
 
 def iter_jsonl(path: str | Path, start_line: int = 0) -> Iterator[tuple[int, object]]:

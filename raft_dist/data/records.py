@@ -31,9 +31,15 @@ Also read:
   project's RAFT records, which carry ``oracle_context``, ``num_distractors`` and
   ``has_distractors`` beside a rendered instruction (and no ``question`` or ``context``): they
   are instruction/output examples, and their extra keys are kept as ``Example.meta``;
-* prompt/completion: ``{"prompt", "completion", "id"?}``.
+* prompt/completion: ``{"prompt", "completion", "id"?}``;
+* chat: ``{"messages": [system?, user, assistant], "id"?}`` with ``role``/``content`` messages
+  (OpenAI, TRL), or ShareGPT's ``{"conversations": [...]}`` with ``from``/``value`` and the roles
+  ``system``, ``human`` and ``gpt``. One exchange per record, as RAFT examples are; a system
+  message goes before the user's text, since prompt/completion has no place of its own for it.
+  The text is used as it is (no chat template), as for every other format, so training,
+  evaluation and `ask` tokenize prompts the same way.
 
-The last two become `Example`s directly; RAFT records become `Example`s through `to_example`.
+The last three become `Example`s directly; RAFT records become `Example`s through `to_example`.
 Files are read by `raft_dist.data.reader`; this module turns one decoded JSON value into a record.
 """
 
@@ -59,7 +65,7 @@ __all__ = [
 
 Record = RaftRecord | Example
 
-Format = Literal["raft", "raft_paper", "instruction", "prompt_completion"]
+Format = Literal["raft", "raft_paper", "instruction", "prompt_completion", "chat"]
 
 PAPER_PLACEHOLDER_TITLE = "placeholder_title"
 
@@ -71,6 +77,7 @@ _FORMAT_RULES: tuple[tuple[Format, tuple[str, ...]], ...] = (
     ("raft", ("documents", "oracle_index")),
     ("raft_paper", ("context",)),
     ("prompt_completion", ("prompt", "completion")),
+    ("chat", ("messages", "conversations")),
     ("instruction", ("output",)),
     ("raft_paper", ("oracle_context", "cot_answer", "question")),
     ("instruction", ("instruction",)),
@@ -80,7 +87,12 @@ _FORMAT_FIELDS: dict[Format, str] = {
     "raft_paper": "question, context, oracle_context, cot_answer",
     "instruction": "instruction, output",
     "prompt_completion": "prompt, completion",
+    "chat": "messages [system?, user, assistant]",
 }
+# A chat message's keys: OpenAI style, or ShareGPT's, whose role names are mapped to OpenAI's.
+_CHAT_KEYS = {"messages": ("role", "content"), "conversations": ("from", "value")}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+_CHAT_SHAPES = (["user", "assistant"], ["system", "user", "assistant"])
 
 
 # --------------------------------------------------------------------------- field validation
@@ -279,11 +291,43 @@ def _parse_prompt_completion(fields: _Fields) -> Example:
     return Example(id=fields.record_id(), prompt=prompt, completion=completion, meta=meta)
 
 
+def _parse_chat(fields: _Fields) -> Example:
+    name = "messages" if "messages" in fields.obj else "conversations"
+    role_key, text_key = _CHAT_KEYS[name]
+    messages = fields.require(name)
+    if not isinstance(messages, list) or not messages:
+        raise fields.error(f'field "{name}" must be a non-empty list, got {_type_name(messages)}')
+    roles, texts = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise fields.error(f'field "{name}[{i}]" must be an object')
+        for key in (role_key, text_key):
+            if not isinstance(message.get(key), str):
+                raise fields.error(f'field "{name}[{i}].{key}" must be a string')
+        role = message[role_key]
+        roles.append(_SHAREGPT_ROLES.get(role, role) if name == "conversations" else role)
+        texts.append(message[text_key])
+    if roles not in _CHAT_SHAPES:
+        raise fields.error(
+            f"a chat record must hold one user and then one assistant message (a system "
+            f"message may come first); found roles [{', '.join(map(shown, roles))}]"
+        )
+    prompt, completion = texts[-2], texts[-1]
+    if len(texts) == 3:
+        prompt = texts[0] + "\n\n" + prompt
+    if not texts[-2].strip() or not completion.strip():
+        raise fields.error("the user and assistant messages must not be empty")
+    return Example(
+        id=fields.record_id(), prompt=prompt, completion=completion, meta=_meta(fields, (name,))
+    )
+
+
 _PARSERS = {
     "raft": _parse_raft,
     "raft_paper": _parse_paper,
     "instruction": _parse_instruction,
     "prompt_completion": _parse_prompt_completion,
+    "chat": _parse_chat,
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from raft_dist.config import DataConfig
-from raft_dist.data.reader import EMPTY_FILE, count_records, loads_json
+from raft_dist.data.reader import EMPTY_FILE, count_records, load_json_file
 from raft_dist.data.records import shown
 from raft_dist.errors import DataError
 
@@ -73,16 +73,7 @@ def manifest_path(spec: str) -> Path | None:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """A manifest as a JSON object; every way it can be unreadable is a DataError naming it."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(path, None, f"cannot read the manifest: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(path, line, "the manifest is not valid UTF-8") from None
-    manifest = loads_json(text, path, None)
+    manifest = load_json_file(path, "manifest")
     if not isinstance(manifest, dict):
         raise DataError(path, None, f"a manifest is a JSON object, got {_json_type(manifest)}")
     return manifest

@@ -15,8 +15,10 @@ Formats (`--to`) and what each can hold of a native record:
   ``meta`` is stored as a JSON string.
 
 Inputs: data set folders (manifest + splits), folders or files of JSONL in any format
-`raft_dist.data.records` reads plus chat, Parquet files and datasets folders. Splits are kept:
-a folder output holds one part per split, a single-file output all splits in input order.
+`raft_dist.data.records` reads (chat included), `.json` files (an array of records, as Alpaca
+ships; errors name the item's 1-based position as its line), Parquet files and datasets
+folders. Splits are kept: a folder output holds one part per split, a single-file output all
+splits in input order.
 Output is written to a temporary path and moved into place at the end, so a bad record never
 leaves a half-converted output behind.
 """
@@ -36,7 +38,7 @@ from typing import Any, Literal
 
 from raft_dist.atomic import write_atomic
 from raft_dist.data.prompts import render_prompt
-from raft_dist.data.reader import iter_jsonl
+from raft_dist.data.reader import decode_json, iter_jsonl, iter_lines, load_json_file
 from raft_dist.data.records import (
     PAPER_PLACEHOLDER_TITLE,
     Example,
@@ -55,6 +57,14 @@ PROMPT_ONLY = ("instruction", "prompt_completion", "chat")
 SPLIT_ORDER = {"train": 0, "eval": 1, "test": 2}  # output order of a folder's splits
 EVAL_NAMES = frozenset({"eval", "evaluation", "validation", "valid", "val", "dev"})
 BATCH = 1000
+FILE_SUFFIXES: dict[str, Literal["jsonl", "json", "parquet"]] = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+# A folder's .json files are often not records (dataset_info.json, configs): read them only when
+# named one by one.
+FOLDER_SUFFIXES = (".jsonl", ".parquet")
 
 Record = RaftRecord | Example
 
@@ -72,7 +82,7 @@ class Item:
 
 @dataclass(frozen=True)
 class _Input:
-    kind: Literal["jsonl", "parquet", "datasets"]
+    kind: Literal["jsonl", "json", "parquet", "datasets"]
     path: Path
     split: str  # for datasets folders: the split of a single Dataset
 
@@ -130,17 +140,20 @@ def find_inputs(specs: Sequence[str]) -> list[_Input]:
                 p
                 for p in path.rglob("*")
                 if p.is_file()
-                and p.suffix in (".jsonl", ".parquet")
+                and p.suffix in FOLDER_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not files:
-                raise DataError(path, None, "the folder holds no .jsonl or .parquet file")
+                wanted = " or ".join(FOLDER_SUFFIXES)
+                raise DataError(path, None, f"the folder holds no {wanted} file")
             inputs = [_Input(_kind(p), p, _split_of(p.relative_to(path))) for p in files]
             found += sorted(inputs, key=lambda i: SPLIT_ORDER.get(i.split, len(SPLIT_ORDER)))
         elif path.is_file():
-            if path.suffix not in (".jsonl", ".parquet"):
+            if path.suffix not in FILE_SUFFIXES:
                 raise DataError(
-                    path, None, f"unsupported file type '{path.suffix}' (use .jsonl or .parquet)"
+                    path,
+                    None,
+                    f"unsupported file type '{path.suffix}' (use {', '.join(FILE_SUFFIXES)})",
                 )
             found.append(_Input(_kind(path), path, _split_of(Path(path.name))))
         else:
@@ -148,8 +161,8 @@ def find_inputs(specs: Sequence[str]) -> list[_Input]:
     return found
 
 
-def _kind(path: Path) -> Literal["jsonl", "parquet"]:
-    return "parquet" if path.suffix == ".parquet" else "jsonl"
+def _kind(path: Path) -> Literal["jsonl", "json", "parquet"]:
+    return FILE_SUFFIXES[path.suffix]
 
 
 def _manifest_inputs(root: Path) -> list[_Input]:
@@ -170,50 +183,7 @@ def _manifest_inputs(root: Path) -> list[_Input]:
 # --------------------------------------------------------------------------- reading records
 
 
-def parse_chat(obj: dict, path: object, line: int | None) -> Example:
-    """{"messages": [system?, user, assistant]} -> Example; a system message is put before the
-    user's text, since prompt/completion has no place of its own for it."""
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(path, line, 'field "messages" must be a non-empty list')
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise DataError(path, line, f'field "messages[{i}]" must be an object')
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise DataError(path, line, f'field "messages[{i}].{key}" must be a string')
-    roles = [m["role"] for m in messages]
-    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-        raise DataError(
-            path,
-            line,
-            "a chat record must hold one user and then one assistant message (a system "
-            f"message may come first); found roles [{', '.join(roles)}]",
-        )
-    prompt = messages[-2]["content"]
-    if len(messages) == 3:
-        prompt = messages[0]["content"] + "\n\n" + prompt
-    completion = messages[-1]["content"]
-    if not prompt.strip() or not completion.strip():
-        raise DataError(path, line, "the user and assistant messages must not be empty")
-    return Example(id=_record_id(obj, path, line), prompt=prompt, completion=completion)
-
-
-def _record_id(obj: dict, path: object, line: int | None) -> str:
-    """The same rule as the JSONL reader: "<file name>:<line>" when there is no id."""
-    value = obj.get("id")
-    if value is None:
-        name = Path(str(path)).name
-        return f"{name}:{line}" if line is not None else name
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(path, line, 'field "id" must be a string')
-    return str(value)
-
-
 def _parse(obj: object, path: object, line: int | None) -> tuple[Record, Any]:
-    if isinstance(obj, dict) and "messages" in obj:
-        if not any(k in obj for k in ("documents", "context", "prompt", "instruction")):
-            return parse_chat(obj, path, line), obj.get("meta")
     record = parse_record(obj, path, line)
     return record, obj.get("meta") if isinstance(obj, dict) else None
 
@@ -264,8 +234,40 @@ def _rows(source: _Input) -> Iterator[tuple[str, int, dict]]:
                 yield _split_name(split), row, value
 
 
+def _json_items(path: Path) -> Iterator[tuple[int, object]]:
+    """(1-based item, value) of a `.json` file: an array of records, one record, or JSON Lines
+    under a .json name. The whole file is read at once, as json.load does."""
+    try:
+        value = load_json_file(path)
+    except DataError:
+        if not _first_line_is_json(path):
+            raise
+        yield from iter_jsonl(path)  # JSON Lines: errors name their line
+        return
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(path, None, "a .json file must hold an array of records or one record")
+    yield from enumerate(value, start=1)
+
+
+def _first_line_is_json(path: Path) -> bool:
+    for line in iter_lines(path, stop=1):
+        try:
+            decode_json(line)
+        except DataError:
+            return False
+        return True
+    return False
+
+
 def read_items(sources: Sequence[_Input]) -> Iterator[Item]:
     for source in sources:
+        if source.kind == "json":
+            for item, obj in _json_items(source.path):
+                record, meta = _parse(obj, source.path, item)
+                yield Item(record, source.split, meta, str(source.path), item)
+            continue
         if source.kind == "jsonl":
             for line, obj in iter_jsonl(source.path):
                 record, meta = _parse(obj, source.path, line)

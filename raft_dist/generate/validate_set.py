@@ -302,8 +302,8 @@ def describe(report: Report) -> str:
             lines.append(f"  distractors per record: {counts}")
         if stats.not_raft:
             lines.append(
-                f"  instruction/prompt-completion records (no documents, RAFT checks skipped): "
-                f"{stats.not_raft}"
+                "  instruction, prompt/completion and chat records (no documents, RAFT checks "
+                f"skipped): {stats.not_raft}"
             )
         if stats.without_quote:
             lines.append(f"  records without a quote: {stats.without_quote}")
