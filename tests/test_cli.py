@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -110,15 +111,39 @@ def test_skip_invalid_counts_skipped_records(tmp_path: Path) -> None:
         ("empty_shard", "the shard is empty"),
         ("no_files", "holds no .jsonl file"),
         ("missing", "no such file or folder"),
+        ("json_array", "one JSON document"),
+        ("parquet", "the file is Parquet, not JSON Lines"),
+        ("gzip", "the file is gzip-compressed, not JSON Lines; decompress it first: `gunzip -k"),
+        ("parquet_folder", "(it holds Parquet files: `raft-dist convert"),
+        ("datasets_folder", "(it holds a Hugging Face datasets folder: `raft-dist convert"),
     ],
 )
 def test_empty_or_missing_data_set(tmp_path: Path, layout: str, message: str) -> None:
+    """Also data in another shape: refused once, with the command that makes JSON Lines of it."""
     data = tmp_path / "data"
+    record = {"prompt": "2+2=", "completion": "4"}
     if layout == "empty_shard":
         write_dataset(data, [2])
         (data / "train/shard-00001.jsonl").write_text("")
     elif layout == "no_files":
         (data / "train").mkdir(parents=True)
+    elif layout == "json_array":
+        data = tmp_path / "data.json"
+        data.write_text(json.dumps([record, record], indent=2))
+    elif layout in ("parquet", "parquet_folder"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data.mkdir()
+        pq.write_table(pa.Table.from_pylist([record]), data / "train.parquet")
+        data = data / "train.parquet" if layout == "parquet" else data
+    elif layout == "gzip":
+        data = tmp_path / "data.jsonl.gz"
+        data.write_bytes(gzip.compress(json.dumps(record).encode() + b"\n"))
+    elif layout == "datasets_folder":
+        (data / "train").mkdir(parents=True)
+        (data / "dataset_dict.json").write_text('{"splits": ["train"]}')
+        (data / "train/state.json").write_text("{}")
     recipe = write_recipe(tmp_path / "r.yaml", data, tmp_path / "out")
     result = run_cli("launch", "--config", str(recipe))
     assert result.returncode == 2

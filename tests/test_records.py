@@ -15,7 +15,13 @@ from raft_dist.data.answers import (
     extract_quotes,
 )
 from raft_dist.data.prompts import render_prompt
-from raft_dist.data.reader import iter_examples, iter_jsonl, iter_records, read_records
+from raft_dist.data.reader import (
+    iter_examples,
+    iter_jsonl,
+    iter_lines,
+    iter_records,
+    read_records,
+)
 from raft_dist.data.records import (
     Document,
     Example,
@@ -311,6 +317,16 @@ def test_json_document_is_refused_once_with_the_fix(tmp_path: Path, text: str) -
         assert info.value.line is None and info.value.path == str(path)
         assert "one JSON document" in info.value.reason
         assert f"raft-dist convert {path} --to raft" in info.value.reason
+
+
+def test_text_that_starts_like_parquet_is_still_text(tmp_path: Path) -> None:
+    """Parquet is told by its magic at both ends: a text line starting "PAR1" is read."""
+    path = tmp_path / "notes.txt"
+    path.write_text("PAR1 of the notes\nthe end\n", encoding="utf-8")
+    assert [line.raw for line in iter_lines(path, text=True)] == [
+        b"PAR1 of the notes\n",
+        b"the end\n",
+    ]
 
 
 def test_a_json_array_after_the_first_record_is_a_bad_line(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
 read files here, so they apply the same rules and cannot disagree about a file:
 
 * UTF-8 only. A leading UTF-8 byte-order mark is accepted and stripped (Windows tools write
-  one); a UTF-16 file is refused with a message saying so instead of failing on every line.
+  one); a UTF-16 file is refused with a message saying so instead of failing on every line, and
+  so are Parquet and gzip files, with the command that makes JSON Lines of them.
 * JSONL: blank lines are not records and are skipped; line numbers stay physical, so an error
   points at the line an editor shows. Text files (data.format=text): every line is a record.
 * A line longer than `MAX_LINE_BYTES` is an error for that line (it is never read whole into
@@ -34,6 +35,12 @@ from raft_dist.errors import DataError
 
 UTF8_BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# Files that are not text, by their first bytes: what they are and how to make JSON Lines.
+PARQUET_MAGIC = b"PAR1"  # at both ends of the file, so a text starting "PAR1" is still text
+BINARY_MAGIC = {
+    PARQUET_MAGIC: ("Parquet", "`raft-dist convert {path} --to raft --out DIR` rewrites it"),
+    b"\x1f\x8b": ("gzip-compressed", "decompress it first: `gunzip -k {path}`"),
+}
 # Far above any real record (ten long documents are ~100 KB) and small enough to hold.
 MAX_LINE_BYTES = 64 * 2**20
 EMPTY_FILE = "the shard is empty (no records)"
@@ -73,6 +80,7 @@ def iter_lines(
     except OSError as exc:
         raise DataError(path, None, f"cannot read file: {exc.strerror or exc}") from None
     with handle:
+        _refuse_binary(path, handle)
         number = index = 0
         while stop is None or index < stop or digest is not None:
             try:
@@ -104,6 +112,27 @@ def _skip_rest_of_line(handle: Any, digest: Any) -> None:
             digest.update(more)
         if not more or more.endswith(b"\n"):
             return
+
+
+def _refuse_binary(path: Path, handle: Any) -> None:
+    head = handle.peek(4)[:4]
+    for magic, (kind, fix) in BINARY_MAGIC.items():
+        if head.startswith(magic) and (magic != PARQUET_MAGIC or _ends_with(handle, magic)):
+            fix = fix.format(path=shlex.quote(str(path)))
+            raise DataError(path, None, f"the file is {kind}, not JSON Lines; {fix}")
+
+
+def _ends_with(handle: Any, tail: bytes) -> bool:
+    try:
+        handle.seek(-len(tail), 2)
+        return handle.read(len(tail)) == tail
+    except OSError:  # a pipe or a file shorter than the tail
+        return False
+    finally:
+        try:
+            handle.seek(0)
+        except OSError:
+            pass
 
 
 def _strip_bom(path: Path, raw: bytes) -> bytes:

@@ -9,6 +9,7 @@ own disjoint slice without reading anyone else's data.
 from __future__ import annotations
 
 import glob as globlib
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,23 @@ def resolve_files(spec: str, split: str = "train", *, text: bool = False) -> lis
         path = path / split
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
-        wanted = " or ".join(suffixes)
-        raise DataError(path, None, f"the folder holds no {wanted} file")
+        raise DataError(path, None, no_files_message(Path(spec), suffixes))
     return files
+
+
+def no_files_message(folder: Path, suffixes: tuple[str, ...] = JSONL_SUFFIXES) -> str:
+    """A folder without data files; when it holds data `raft-dist convert` reads, the command."""
+    return f"the folder holds no {' or '.join(suffixes)} file{_convert_hint(folder)}"
+
+
+def _convert_hint(folder: Path) -> str:
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        held = "a Hugging Face datasets folder"
+    elif any(folder.rglob("*.parquet")):
+        held = "Parquet files"
+    else:
+        return ""
+    return f" (it holds {held}: `raft-dist convert {shlex.quote(str(folder))} --to raft --out DIR`)"
 
 
 def manifest_path(spec: str) -> Path | None:

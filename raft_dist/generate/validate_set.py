@@ -21,7 +21,7 @@ from typing import Any
 from raft_dist.data.answers import extract_quotes
 from raft_dist.data.reader import EMPTY_FILE, read_records
 from raft_dist.data.records import RaftRecord, Record, shown, to_example
-from raft_dist.data.sources import MANIFEST, manifest_shards, read_manifest
+from raft_dist.data.sources import MANIFEST, manifest_shards, no_files_message, read_manifest
 from raft_dist.errors import DataError, RaftDistError
 
 MAX_SHOWN_ERRORS = 50
@@ -80,7 +80,7 @@ def _targets(specs: Sequence[str], report: Report) -> tuple[list[_File], bool]:
         elif path.is_dir():
             jsonl = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
             if not jsonl:
-                report.error(path, None, "the folder holds no .jsonl file")
+                report.error(path, None, no_files_message(path))
             files += [_File(p, _split_of(p.relative_to(path))) for p in jsonl]
         elif path.is_file():
             files.append(_File(path, _split_of(path)))
