@@ -19,10 +19,10 @@ prefetch thread competes with it; it is busy for the tokenizer calls and the col
 next batch (5-7 % of a step of the tiny model on 2 cores) and then sleeps in `put` until the
 loop takes a batch. The tokenizer's encode runs in Rust without the GIL, on this thread: one
 text at a time never reaches the tokenizers library's thread pool (the same CPU time per
-example, 1.1 ms on the demo data, with TOKENIZERS_PARALLELISM unset or false). The queue is short on purpose: one or two ready
-batches already hide the data path, while a deeper one only holds more memory and makes the
-thread run in longer bursts that take a core from torch's threads (on 2 cores an OpenMP
-region waits for its slowest thread).
+example, 1.1 ms on the demo data, with TOKENIZERS_PARALLELISM unset or false). The queue is
+short on purpose: one or two ready batches already hide the data path, while a deeper one
+only holds more memory and makes the thread run in longer bursts that take a core from
+torch's threads (on 2 cores an OpenMP region waits for its slowest thread).
 """
 
 from __future__ import annotations
