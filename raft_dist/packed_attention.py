@@ -16,6 +16,14 @@ Two ways, one result (tests/test_packing.py checks both against the examples run
 
 Neither way narrows attention to a sliding or chunked window (Mistral, Gemma 3, Llama 4), so
 packing such a model is refused unless no example can outgrow its window (`check_packing`).
+
+Both ways rely on the model's code: restarted `position_ids` must reach its positions, the 4D
+mask its attention, and the spans (a keyword) every attention call. A model class that drops
+any of them (StableLM's layers do not pass keywords on to attention, so the spans never arrive)
+would silently train examples that see each other. `verify_packing` therefore runs the model
+itself on a probe before training: two short examples packed in a row, and each alone. Per-
+example attention that fails it falls back to the block mask; a block mask that fails it stops
+the run.
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ from raft_dist.data.batching import block_causal_mask
 
 PER_EXAMPLE = "raft_dist_per_example_sdpa"  # the registered attn_implementation
 SPANS_KWARG = "packed_spans"  # travels from the model's forward to every attention call
+PROBE_LENGTHS = (6, 9)  # verify_packing's two examples: short, so the probe costs ~nothing
+# Largest |packed - alone| logit difference allowed, relative to the largest logit: float32 runs
+# agree to ~1e-6 when examples are kept apart, bf16 to ~2e-2 (SmolLM2); a neighbour seen by
+# mistake moves them by ~0.5.
+PROBE_TOLERANCE = {"float32": 1e-3, "other": 0.1}
 
 Spans = list[list[tuple[int, int, bool]]]  # per row: (start, end, is_example)
 
@@ -104,6 +117,13 @@ def per_example_attention(
 
     spans = kwargs.pop(SPANS_KWARG, None)
     if spans is None:
+        if attention_mask is not None and attention_mask.shape[-2:] == (1, 1) and query.size(2) > 1:
+            # packed_model_inputs' placeholder: a packed row whose spans the model's layers did
+            # not pass on. Plain SDPA would read it as "everything sees everything".
+            raise RuntimeError(
+                f"{type(module).__name__} does not pass keywords on to its attention function, "
+                "so per-example attention cannot see where packed examples start"
+            )
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -218,3 +238,87 @@ def check_packing(model: Any, max_seq_len: int, name: str) -> None:
             f"not apply that window; set data.max_seq_len <= {window}, or use "
             "data.group_by_length instead of packing"
         )
+
+
+def verify_packing(model: Any, name: str, device: Any) -> str:
+    """Check on the model itself that a packed row keeps its examples apart, before training.
+
+    Every rank runs it (a ZeRO-3 forward gathers parameters from all of them) on the same
+    probe. Returns the way packed rows run ("per-example" or "block mask"); per-example
+    attention that fails the probe is switched back to SDPA with the block mask, and a model
+    that fails with the block mask too raises a ConfigError: training it packed would let
+    examples see each other, or would not run.
+    """
+    from raft_dist.errors import ConfigError
+    from raft_dist.evaluate import unwrapped
+
+    inner = unwrapped(model)
+    if inner.config._attn_implementation == PER_EXAMPLE:
+        problem = _probe(model, device)
+        if problem is None:
+            return "per-example"
+        import logging
+
+        logging.getLogger("raft_dist").warning(
+            "data.packing: per-example attention does not work for %s (%s); packed rows use "
+            "the block-diagonal mask instead",
+            name,
+            problem,
+        )
+        inner.set_attn_implementation("sdpa")
+    problem = _probe(model, device)
+    if problem is not None:
+        raise ConfigError(
+            f"data.packing=true: {name} ({inner.config.model_type}) fails the check that packed "
+            f"examples stay apart: {problem}; train it with data.packing=false "
+            "(data.group_by_length also saves padding)"
+        )
+    return "block mask"
+
+
+def _probe(model: Any, device: Any) -> str | None:
+    """None when a packed batch gives each example the logits it gets alone; else what
+    differed. Rows: [a, b] and [b, padding], so both a neighbour and padding are tried."""
+    import torch
+
+    from raft_dist.data.batching import collate, collate_packed
+    from raft_dist.evaluate import model_logits, unwrapped
+
+    vocab = unwrapped(model).config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(3, vocab, (n,), generator=generator).tolist() for n in PROBE_LENGTHS)
+    packed = collate_packed([[(a, a), (b, b)], [(b, b)]], pad_id=0)
+    was_training = model.training
+    model.eval()  # no dropout: the two runs must be the same function
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            raw = model_logits(model, {k: v.to(device) for k, v in packed.items()})
+            alone = [
+                model_logits(
+                    model, {k: v.to(device) for k, v in collate([(x, x)], pad_id=0).items()}
+                ).float()[0]
+                for x in (a, b)
+            ]
+    except Exception as exc:  # the model's own code refusing packed inputs
+        return f"a packed forward fails: {type(exc).__name__}: {exc}"
+    finally:
+        model.train(was_training)
+    # Tight only where every number is float32: under autocast the logits come out 16-bit.
+    exact = raw.dtype == torch.float32 and all(
+        p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point()
+    )
+    kind = "float32" if exact else "other"
+    rows = raw.float()
+    pairs = [
+        (rows[0, : len(a)], alone[0]),
+        (rows[0, len(a) :], alone[1]),
+        (rows[1, : len(b)], alone[1]),
+    ]
+    scale = max(float(want.abs().max()) for _, want in pairs) or 1.0
+    worst = max(float((got - want).abs().max()) for got, want in pairs) / scale
+    if worst > PROBE_TOLERANCE[kind]:
+        return (
+            f"a packed row's logits differ from the same examples run alone by {worst:.2g} of "
+            f"their scale (allowed {PROBE_TOLERANCE[kind]:g})"
+        )
+    return None

@@ -225,3 +225,98 @@ def test_an_attention_kernel_that_cannot_load_is_a_config_error() -> None:
     cfg = ModelConfig(name_or_path="builtin:tiny-llama", attn_implementation="flash_attention_2")
     with pytest.raises(ConfigError, match=r"model\.attn_implementation=flash_attention_2"):
         load_model(cfg, load_tokenizer(cfg))
+
+
+# --------------------------------------------------------------------------- models' own code
+
+# Tiny random models of two families whose code breaks packing in two ways: StableLM's layers
+# do not pass keywords on to attention (the spans never arrive), Bloom's forward cannot take a
+# 4D mask at all.
+OTHER_FAMILIES = {
+    "stablelm": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
+}
+
+
+def other_family(model_type: str, tokenizer) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        **OTHER_FAMILIES[model_type],
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def test_per_example_attention_refuses_a_packed_row_without_its_spans(tmp_path: Path) -> None:
+    """Without the spans, per-example attention would run plain SDPA on the placeholder mask,
+    where every token of the row sees every other: it raises instead."""
+    tokenizer = load_tokenizer(ModelConfig())
+    model = other_family("stablelm", tokenizer)
+    assert use_per_example_attention(model)
+    rows = pack_examples(
+        iter(encoded_examples(tmp_path, tokenizer)), [], [], row_len=ROW_LEN, rows=1
+    )
+    with pytest.raises(RuntimeError, match="does not pass keywords on to its attention"):
+        token_loss_sum(model, collate_packed(rows, pad_id=tokenizer.pad_token_id))
+
+
+def test_verify_packing_falls_back_to_the_block_mask_and_stays_exact(tmp_path: Path) -> None:
+    from raft_dist.packed_attention import verify_packing
+
+    tokenizer = load_tokenizer(ModelConfig())
+    examples = encoded_examples(tmp_path, tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
+    packed = [collate_packed(rows[i : i + 2], pad_id=pad) for i in range(0, len(rows), 2)]
+    unpacked = [collate([example], pad_id=pad) for example in examples]
+
+    model = other_family("stablelm", tokenizer)
+    assert use_per_example_attention(model)
+    assert verify_packing(model, "tiny-stablelm", "cpu") == "block mask"
+    assert model.config._attn_implementation == "sdpa" and model.training
+    loss_u, grads_u = loss_and_grads(model, unpacked)
+    loss_p, grads_p = loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
+    for name, grad in grads_u.items():
+        scale = float(grad.abs().max()) or 1.0
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+    llama = load_model(ModelConfig(), tokenizer)
+    assert use_per_example_attention(llama)
+    assert verify_packing(llama, "tiny-llama", "cpu") == "per-example"
+    assert llama.config._attn_implementation == PER_EXAMPLE
+
+
+def test_a_model_whose_code_cannot_pack_is_refused_before_training(tmp_path: Path) -> None:
+    """Through the CLI: exit 2 naming data.packing and the way out, no traceback, no step."""
+    from helpers import run_cli, write_recipe
+
+    tokenizer = load_tokenizer(ModelConfig())
+    folder = tmp_path / "tiny-bloom"
+    other_family("bloom", tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_dataset(tmp_path / "data", [8])
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "data",
+        tmp_path / "out",
+        model={"name_or_path": str(folder)},
+        data={"packing": True},
+        training={"max_steps": 1},
+    )
+    result = run_cli("train", "--config", str(recipe))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "data.packing=true" in result.stderr and "data.packing=false" in result.stderr
+    assert "fails the check that packed examples stay apart" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

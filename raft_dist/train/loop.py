@@ -108,7 +108,11 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     from raft_dist.data.check import checked_data_for_run
     from raft_dist.data.streaming import build_streams, padding_batch
     from raft_dist.model import load_tokenizer
-    from raft_dist.packed_attention import check_packing, use_per_example_attention
+    from raft_dist.packed_attention import (
+        check_packing,
+        use_per_example_attention,
+        verify_packing,
+    )
     from raft_dist.train.accelerator import (
         check_compile,
         compile_model,
@@ -181,6 +185,10 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     scheduler = build_scheduler(optimizer, t, total_steps)
     fill_deepspeed_batch(accelerator, recipe)  # before prepare: DeepSpeed reads it there
     model, optimizer = accelerator.prepare(model, optimizer)
+    if d.packing:
+        # On the prepared model, so the probe runs where training will: on the device, under
+        # the same autocast, and with ZeRO-3 gathering its parameters on every rank.
+        verify_packing(model, recipe.model.name_or_path, accelerator.device)
     # The scheduler is not prepared (a prepared one steps num_processes times per optimizer
     # step) nor registered for checkpointing (Accelerate would pickle it): checkpoints keep its
     # state as JSON (train/checkpoint.py).
