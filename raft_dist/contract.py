@@ -77,7 +77,7 @@ class Contract:
             problems.append(
                 f"ZeRO stage {live.zero_stage}, but the launch asked for {self.zero_stage}"
             )
-        kind = live.device.split(":")[0]
+        kind = live.device_type
         if self.device is not None and self.device != kind:
             problems.append(
                 f"device {live.device}, but the profile asks for {self.device} "

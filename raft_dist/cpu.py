@@ -27,11 +27,7 @@ def cpu_has_native_bf16(unknown: bool = True) -> bool:
 def cpu_warnings(live: Any) -> list[str]:
     """Settings that work on this CPU but not the way the user expects."""
     warnings = []
-    if (
-        live.device.startswith("cpu")
-        and live.mixed_precision == "bf16"
-        and not cpu_has_native_bf16()
-    ):
+    if live.device_type == "cpu" and live.mixed_precision == "bf16" and not cpu_has_native_bf16():
         warnings.append(
             "mixed precision bf16 on a CPU without AVX512-BF16/AMX is emulated and runs about "
             "10x slower than fp32 here; consider training.mixed_precision=no"

@@ -165,6 +165,26 @@ def test_accumulation_equivalence_on_one_and_two_processes(tmp_path: Path) -> No
         assert other["loss"] == pytest.approx(big["loss"], rel=1e-6)
 
 
+def test_packed_rows_on_two_processes(tmp_path: Path) -> None:
+    """data.packing under DDP on the CPU: attention per example on every rank (the device is
+    "cpu:0" there, not "cpu"), after the packing check passed on the prepared model."""
+    write_dataset(tmp_path / "data", [6, 5], seed=3)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tmp_path / "data",
+        tmp_path / "out",
+        data={"packing": True, "max_seq_len": 512},
+        training={"max_steps": 3, "micro_batch_size": 1, "gradient_accumulation_steps": 1},
+        output={"save_final_model": False},
+    )
+    result = launch(recipe, "cpu")
+    assert "packed: whole examples per row, attention per example" in result.stdout
+    assert [(f["world_size"], f["engine"]) for f in rank_facts(tmp_path / "out")] == [
+        (2, "ddp")
+    ] * 2
+    assert [row["step"] for row in read_metrics(tmp_path / "out") if "loss" in row] == [1, 2, 3]
+
+
 def test_live_setup_contradicting_the_launch_is_refused(tiny_data: Path, tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", tiny_data, tmp_path / "out")
     env = offline_env(RAFT_DIST_EXPECT_WORLD_SIZE="2", RAFT_DIST_EXPECT_ENGINE="ddp")

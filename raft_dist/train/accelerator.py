@@ -70,7 +70,12 @@ class LiveSetup:
     backend: str | None
     zero_stage: int | None
     mixed_precision: str
-    device: str
+    device: str  # str(accelerator.device): "cpu" alone, "cpu:0" under DDP, "cuda:3"
+
+    @property
+    def device_type(self) -> str:
+        """ "cpu" or "cuda", with no index: compare this, never `device` itself."""
+        return self.device.split(":")[0]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +112,7 @@ def live_setup(accelerator: Any) -> LiveSetup:
 def quantized_device_map(live: LiveSetup) -> Any:
     """bitsandbytes places quantized weights at load time: on this rank's GPU, or nowhere
     special on CPU and under DeepSpeed (which places them itself)."""
-    if live.device.startswith("cuda") and live.engine != "deepspeed":
+    if live.device_type == "cuda" and live.engine != "deepspeed":
         return {"": live.device}
     return None
 

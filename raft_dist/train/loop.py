@@ -171,7 +171,7 @@ def setup(recipe: Recipe, stops: StopRequests) -> Run:
     # batch's spans would be a new graph. Before prepare, like compile, on the bare model.
     if d.packing:
         check_packing(model, d.max_seq_len, recipe.model.name_or_path)
-        if live.device == "cpu" and not compiled:
+        if live.device_type == "cpu" and not compiled:
             use_per_example_attention(model)
 
     seen_ids: list[str] | None = [] if d.record_audit else None
