@@ -57,6 +57,29 @@ def loss_and_grads(model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return total, grads
 
 
+def assert_packed_like_unpacked(
+    model: torch.nn.Module, tmp_path: Path, tokenizer, noise_floor: float = 0.0
+) -> None:
+    """The summed loss and every gradient of packed batches equal those of the examples run
+    one by one; `noise_floor` (a share of the largest gradient) bounds each gradient's scale
+    from below."""
+    examples = encoded_examples(tmp_path, tokenizer)
+    pad = tokenizer.pad_token_id
+    rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
+    assert sum(len(row) for row in rows) == len(examples)
+    assert any(len(row) > 1 for row in rows)  # rows really hold several examples
+    packed = [collate_packed(rows[i : i + 2], pad_id=pad) for i in range(0, len(rows), 2)]
+    unpacked = [collate([example], pad_id=pad) for example in examples]
+    loss_u, grads_u = loss_and_grads(model, unpacked)
+    loss_p, grads_p = loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
+    assert grads_u.keys() == grads_p.keys()
+    floor = noise_floor * max(float(g.abs().max()) for g in grads_u.values())
+    for name, grad in grads_u.items():
+        scale = max(float(grad.abs().max()), floor) or 1.0
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+
+
 @pytest.mark.parametrize(
     ("arch", "attention"),
     [
@@ -87,23 +110,7 @@ def test_packed_loss_and_gradients_equal_unpacked(
     if attention == "per-example+checkpointing":
         enable_gradient_checkpointing(model)
     model.train()
-    examples = encoded_examples(tmp_path, tokenizer)
-    pad = tokenizer.pad_token_id
-    packed_rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
-    assert sum(len(row) for row in packed_rows) == len(examples)
-    assert any(len(row) > 1 for row in packed_rows)  # rows really hold several examples
-    packed = [
-        collate_packed(packed_rows[i : i + 2], pad_id=pad) for i in range(0, len(packed_rows), 2)
-    ]
-    unpacked = [collate([example], pad_id=pad) for example in examples]
-
-    loss_u, grads_u = loss_and_grads(model, unpacked)
-    loss_p, grads_p = loss_and_grads(model, packed)
-    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
-    assert grads_u.keys() == grads_p.keys()
-    for name, grad in grads_u.items():
-        scale = float(grad.abs().max()) or 1.0
-        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    assert_packed_like_unpacked(model, tmp_path, tokenizer)
 
 
 def test_per_example_attention_attends_within_examples_only(tmp_path: Path) -> None:
@@ -328,45 +335,22 @@ def test_other_families_pass_the_check_and_pack_exactly(
     tmp_path: Path, model_type: str, way: str
 ) -> None:
     tokenizer = load_tokenizer(ModelConfig())
-    examples = encoded_examples(tmp_path, tokenizer)
-    pad = tokenizer.pad_token_id
-    rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
-    packed = [collate_packed(rows[i : i + 2], pad_id=pad) for i in range(0, len(rows), 2)]
-    unpacked = [collate([example], pad_id=pad) for example in examples]
     model = other_family(model_type, tokenizer)
     use_per_example_attention(model)
     assert verify_packing(model, model_type, "cpu") == way
     model.train()
-    loss_u, grads_u = loss_and_grads(model, unpacked)
-    loss_p, grads_p = loss_and_grads(model, packed)
-    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
-    for name, grad in grads_u.items():
-        # 1e-9-sized gradients that are zero in exact arithmetic (OPT's key bias: softmax does
-        # not see it) are rounding noise, compared against the largest gradient instead.
-        scale = max(
-            float(grad.abs().max()), 1e-3 * max(float(g.abs().max()) for g in grads_u.values())
-        )
-        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    # 1e-9-sized gradients that are zero in exact arithmetic (OPT's key bias: softmax does not
+    # see it) are rounding noise, compared against the largest gradient instead.
+    assert_packed_like_unpacked(model, tmp_path, tokenizer, noise_floor=1e-3)
 
 
 def test_verify_packing_falls_back_to_the_block_mask_and_stays_exact(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(ModelConfig())
-    examples = encoded_examples(tmp_path, tokenizer)
-    pad = tokenizer.pad_token_id
-    rows = pack_examples(iter(examples), [], [], row_len=ROW_LEN, rows=len(examples))
-    packed = [collate_packed(rows[i : i + 2], pad_id=pad) for i in range(0, len(rows), 2)]
-    unpacked = [collate([example], pad_id=pad) for example in examples]
-
     model = other_family("stablelm", tokenizer)
     assert use_per_example_attention(model)
     assert verify_packing(model, "tiny-stablelm", "cpu") == "block mask"
     assert model.config._attn_implementation == "sdpa" and model.training
-    loss_u, grads_u = loss_and_grads(model, unpacked)
-    loss_p, grads_p = loss_and_grads(model, packed)
-    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0.0)
-    for name, grad in grads_u.items():
-        scale = float(grad.abs().max()) or 1.0
-        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    assert_packed_like_unpacked(model, tmp_path, tokenizer)
 
     llama = load_model(ModelConfig(), tokenizer)
     assert use_per_example_attention(llama)

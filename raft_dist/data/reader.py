@@ -230,14 +230,14 @@ def read_records(
         try:
             yield line.line, parse_line(line)
         except DataError as exc:
-            if first and opens_json_document(line.raw):
+            if first and _opens_json_document(line.raw):
                 where = shlex.quote(str(path))
                 raise DataError(path, None, JSON_DOCUMENT.format(path=where)) from None
             yield line.line, exc
         first = False
 
 
-def opens_json_document(raw: bytes) -> bool:
+def _opens_json_document(raw: bytes) -> bool:
     """Whether a file's first record line, which did not parse as a record, is where a whole-file
     JSON document starts: an array (`[` alone, or a one-line array) or a lone `{`."""
     head = raw.strip()
