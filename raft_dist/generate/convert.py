@@ -263,13 +263,9 @@ def _first_line_is_json(path: Path) -> bool:
 
 def read_items(sources: Sequence[_Input]) -> Iterator[Item]:
     for source in sources:
-        if source.kind == "json":
-            for item, obj in _json_items(source.path):
-                record, meta = _parse(obj, source.path, item)
-                yield Item(record, source.split, meta, str(source.path), item)
-            continue
-        if source.kind == "jsonl":
-            for line, obj in iter_jsonl(source.path):
+        if source.kind in ("json", "jsonl"):
+            values = _json_items if source.kind == "json" else iter_jsonl
+            for line, obj in values(source.path):
                 record, meta = _parse(obj, source.path, line)
                 yield Item(record, source.split, meta, str(source.path), line)
             continue
