@@ -11,11 +11,18 @@ between two steps (fetching and tokenizing data, logging, callbacks) is inside i
 
     python bench/throughput.py [--pairs 7] [--steps 40] [--quiet-wait 120] [--out bench/results]
     python bench/throughput.py --model smollm2            # 3 pairs of 8 steps, micro batch 2
+    python bench/throughput.py --token-cache cold         # raft-dist tokenizes its first epoch
 
 `--model tiny` (the default) is the random 2-layer Llama, where the loop's own overhead shows
 most; `--model smollm2` is the embedded SmolLM2-135M-Instruct at RAFT lengths (the demo's
 examples, ~430-580 tokens with its tokenizer), where users live. A step of SmolLM2 costs about
 100 times one of the tiny model here, so it runs fewer, shorter pairs by default.
+
+The bare loop and the Trainer get their batches tokenized before the clock starts (as a
+`datasets.map` cache gives a Trainer user). raft-dist gets the same by default: building those
+batches goes through its token cache (data/token_cache.py, in a folder of this run), so its
+runs read the ids from disk. `--token-cache cold` gives each raft-dist run an empty cache: it
+then tokenizes its first epoch inside the window, as a first run on new data does.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +64,7 @@ DEFAULT_MODEL = "tiny"
 DEFAULT_STEPS = MODELS[DEFAULT_MODEL].steps
 DEFAULT_PAIRS = MODELS[DEFAULT_MODEL].pairs
 DEFAULT_QUIET_WAIT_S = 120.0
+CACHE_MODES = ("warm", "cold")
 LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
 # Ratio name -> (numerator loop, denominator loop, target the median must reach).
 TARGETS: dict[str, tuple[str, str, float]] = {
@@ -77,6 +87,7 @@ class LoopRun:
     threads_after: int = 0  # torch threads when the run ended: a library changing it shows here
     # CPU time other processes used during the run, as a share of all cores' time (0 = alone).
     foreign_cpu_share: float = 0.0
+    token_cache_hits: int = 0  # raft-dist: examples whose ids it read from its token cache
 
 
 # ---- shared inputs -------------------------------------------------------------------------
@@ -140,6 +151,7 @@ def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
             stream.start_epoch(stream.state.epoch + 1)
             continue
         batches.append(batch)
+    stream.save_token_cache()  # what the raft-dist runs read when the cache is warm
     return batches
 
 
@@ -165,6 +177,22 @@ def steady_state(
         losses=losses,
         threads_after=torch.get_num_threads(),
     )
+
+
+@contextlib.contextmanager
+def token_cache_folder(folder: Path) -> Iterator[None]:
+    """raft-dist's token cache (data/token_cache.py) in `folder` while the block runs."""
+    from raft_dist.data.token_cache import ROOT_VARIABLE
+
+    before = os.environ.get(ROOT_VARIABLE)
+    os.environ[ROOT_VARIABLE] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ROOT_VARIABLE, None)
+        else:
+            os.environ[ROOT_VARIABLE] = before
 
 
 def fresh_process_state(threads: int) -> None:
@@ -196,7 +224,9 @@ def seeded_model(recipe: Any) -> tuple[Any, Any]:
 # ---- a. the raft-dist loop -----------------------------------------------------------------
 
 
-def run_raft_dist(steps: int, tokens: list[int], work_dir: Path, model: str) -> LoopRun:
+def run_raft_dist(
+    steps: int, tokens: list[int], work_dir: Path, model: str, cache: str = "warm"
+) -> LoopRun:
     """train() in this process; the timing comes from its own metrics.jsonl.
 
     elapsed_s is taken when a step is logged, after the step's gathers, so elapsed_s[N] -
@@ -208,15 +238,20 @@ def run_raft_dist(steps: int, tokens: list[int], work_dir: Path, model: str) -> 
 
     out_dir = Path(tempfile.mkdtemp(prefix="raft-", dir=work_dir))
     recipe = load_bench_recipe(steps, out_dir, model)
-    with contextlib.redirect_stdout(io.StringIO()):  # run card and summary
-        train(recipe)
+    # warm: the folder run_pairs filled while building the batches; cold: an empty one
+    folder = token_cache_folder(out_dir / "token-cache") if cache == "cold" else None
+    with folder or contextlib.nullcontext(), contextlib.redirect_stdout(io.StringIO()):
+        train(recipe)  # (stdout: the run card and summary)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     if [r["step"] for r in rows] != list(range(1, steps + 1)):
         raise RuntimeError(f"metrics.jsonl of {out_dir} does not hold one row per step")
     ends = [float(r["elapsed_s"]) for r in rows]
     bodies = [n / float(r["tokens_per_s"]) for n, r in zip(tokens, rows, strict=True)]
-    return steady_state("raft_dist", ends, bodies, tokens, [float(r["loss"]) for r in rows])
+    run = steady_state("raft_dist", ends, bodies, tokens, [float(r["loss"]) for r in rows])
+    summary = json.loads((out_dir / "summary.json").read_text())
+    run.token_cache_hits = summary["token_cache_hits"]
+    return run
 
 
 # ---- b. a bare PyTorch loop ----------------------------------------------------------------
@@ -366,12 +401,13 @@ def run_loop(
     work_dir: Path,
     threads: int,
     model: str = DEFAULT_MODEL,
+    cache: str = "warm",
 ) -> LoopRun:
     """One timed run of one loop over `batches`, from a reset global state."""
     fresh_process_state(threads)
     before = common.cpu_reading()
     if loop == "raft_dist":
-        run = run_raft_dist(len(batches), tokens, work_dir, model)
+        run = run_raft_dist(len(batches), tokens, work_dir, model, cache)
     elif loop == "bare_torch":
         run = run_bare_torch(recipe, batches, tokens)
     else:
@@ -386,6 +422,7 @@ def run_pairs(
     quiet_wait_s: float = 0.0,
     log: common.Log = print,
     model: str = DEFAULT_MODEL,
+    cache: str = "warm",
 ) -> dict[str, Any]:
     """Alternate a, b, c `pairs` times on one batch list; return every run and the medians.
 
@@ -401,14 +438,17 @@ def run_pairs(
 
     threads = torch.get_num_threads()  # what the environment gave this process
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="raft-bench-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="raft-bench-") as tmp,
+        token_cache_folder(Path(tmp) / "token-cache"),  # never the user's cache
+    ):
         work_dir = Path(tmp)
         recipe = load_bench_recipe(steps, work_dir / "unused", model)
         batches = materialize_batches(recipe, steps)
         tokens = [input_tokens(b) for b in batches]
         short = WARMUP_STEPS + 2
         for loop in LOOPS:
-            run_loop(loop, recipe, batches[:short], tokens[:short], work_dir, threads, model)
+            run_loop(loop, recipe, batches[:short], tokens[:short], work_dir, threads, model, cache)
         runs: list[dict[str, LoopRun]] = []
         discarded: list[dict[str, LoopRun]] = []
         spent = 0.0  # of the quiet budget: waiting, and pairs measured again
@@ -417,7 +457,7 @@ def run_pairs(
                 spent += common.wait_for_quiet(quiet_wait_s - spent, log, pause_s=4.0)
             pair_started = time.perf_counter()
             result = {
-                loop: run_loop(loop, recipe, batches, tokens, work_dir, threads, model)
+                loop: run_loop(loop, recipe, batches, tokens, work_dir, threads, model, cache)
                 for loop in LOOPS
             }
             if pair_load(result) > common.QUIET_SHARE and spent < quiet_wait_s:
@@ -428,6 +468,7 @@ def run_pairs(
             runs.append(result)
             log(pair_line(len(runs) - 1, result))
     summary = summarize(runs, steps, tokens, threads, time.perf_counter() - started, model)
+    summary["settings"]["token_cache"] = cache
     summary["discarded_pairs"] = [{loop: asdict(r[loop]) for loop in LOOPS} for r in discarded]
     summary["quiet_budget_spent_s"] = spent
     return summary
@@ -550,6 +591,11 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
                     for name, value in summary["median_ratio_quiet_pairs"].items()
                 )
             )
+    hits = sorted({r["raft_dist"]["token_cache_hits"] for r in summary["runs"]})
+    lines.append(
+        f"  raft-dist token cache: {summary['settings']['token_cache']}, ids of "
+        f"{'/'.join(map(str, hits))} examples per run read from it"
+    )
     gaps = summary["max_loss_gap_to_bare"]
     lines.append(
         "  same work check: max |loss - bare loss| "
@@ -570,6 +616,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="seconds in all to wait for other processes to leave the CPU",
     )
+    parser.add_argument(
+        "--token-cache",
+        choices=CACHE_MODES,
+        default="warm",
+        help="warm: raft-dist reads the ids the batch building tokenized, as the other loops "
+        "get them; cold: every raft-dist run tokenizes its first epoch (a first run)",
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     return parser.parse_args(argv)
 
@@ -578,10 +631,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = MODELS[args.model]
     summary = run_pairs(
-        args.pairs or model.pairs, args.steps or model.steps, args.quiet_wait, model=args.model
+        args.pairs or model.pairs,
+        args.steps or model.steps,
+        args.quiet_wait,
+        model=args.model,
+        cache=args.token_cache,
     )
     print("\n".join(report_lines(summary)))
     name = "throughput.json" if args.model == DEFAULT_MODEL else f"throughput_{args.model}.json"
+    if args.token_cache != "warm":
+        name = name.replace(".json", f"_{args.token_cache}_cache.json")
     path = common.write_json(args.out / name, summary)
     print(f"written: {path}")
     return 0

@@ -80,6 +80,11 @@ class DataConfig:
     # Batches a background thread tokenizes ahead of the training step (0: in the step).
     # null: the default, 2. The batches and the checkpointed position are the same either way.
     prefetch_batches: int | None = field(default=None, metadata=_range(0, 64))
+    # Keep the token ids of RAFT examples on disk ($RAFT_DIST_TOKEN_CACHE, by default
+    # ~/.cache/raft-dist/tokens), keyed by the tokenizer's definition and each example's text,
+    # so that the next run on the same data (a sweep, a resume, the eval split) does not
+    # tokenize it again. About 4 bytes per token; delete the folder to free it.
+    token_cache: bool = True
 
 
 @dataclass

@@ -31,7 +31,14 @@ from raft_dist.data.encoded_cache import EncodedCache, outcome_of
 from raft_dist.data.reader import Line, decode_text, iter_lines, parse_line
 from raft_dist.data.records import to_example
 from raft_dist.data.sources import Shard
-from raft_dist.data.tokenize import IGNORE_INDEX, LengthStats, encode_example, encode_text_line
+from raft_dist.data.token_cache import TokenCache
+from raft_dist.data.tokenize import (
+    IGNORE_INDEX,
+    LengthStats,
+    encode_text_line,
+    fit_example,
+    tokenize_pair,
+)
 from raft_dist.errors import DataError
 
 
@@ -104,6 +111,7 @@ class StreamSettings:
     shuffle_shards: bool = False
     seed: int = 0
     group_by_length: int = 0  # window in micro batches; 0: off
+    token_cache: bool = False  # keep token ids on disk for later runs (data/token_cache.py)
 
 
 class RankStream:
@@ -131,6 +139,10 @@ class RankStream:
         self.seen_ids = seen_ids
         self._examples: Iterator[tuple[list[int], list[int]]] | None = None
         self._encoded = EncodedCache()  # RAFT examples by (file, line), for later epochs
+        # ... and by their text on disk, for later runs (None: off, or a slow tokenizer).
+        self._token_cache = (
+            TokenCache.open(tokenizer) if settings.token_cache and not settings.text else None
+        )
 
     # -- position ---------------------------------------------------------------------------
 
@@ -238,10 +250,18 @@ class RankStream:
             if self.seen_ids is not None:
                 self.seen_ids.append(example.id)
             before = replace(self.lengths)
-            encoded = encode_example(
-                self.tokenizer,
-                example.prompt,
-                example.completion,
+            if self._token_cache is not None:
+                prompt_ids, answer_ids = self._token_cache.tokenize(
+                    record.path, example.prompt, example.completion
+                )
+            else:
+                prompt_ids, answer_ids = tokenize_pair(
+                    self.tokenizer, example.prompt, example.completion
+                )
+            encoded = fit_example(
+                prompt_ids,
+                answer_ids,
+                eos_token_id=self.tokenizer.eos_token_id,
                 max_len=self.settings.max_seq_len,
                 overlong=self.settings.overlong,
                 stats=self.lengths,
@@ -251,6 +271,16 @@ class RankStream:
             )
             if encoded is not None:
                 yield encoded.input_ids, encoded.labels
+        self.save_token_cache()  # the range is read: what it tokenized is kept for later runs
+
+    @property
+    def token_cache_hits(self) -> int:
+        return 0 if self._token_cache is None else self._token_cache.hits
+
+    def save_token_cache(self) -> None:
+        """Write the token ids made since the last write (the loop calls this at the end)."""
+        if self._token_cache is not None:
+            self._token_cache.flush()
 
     def next_batch(self) -> Batch | None:
         if self._examples is None:
@@ -326,6 +356,7 @@ def build_streams(
         shuffle_shards=d.shuffle_shards,
         seed=t.seed,
         group_by_length=d.group_by_length or 0,
+        token_cache=d.token_cache,
     )
     train = RankStream(
         data.splits["train"].shards,

@@ -32,11 +32,18 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def encode_example(
-    tokenizer: Any,
-    prompt: str,
-    completion: str,
+def tokenize_pair(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """The prompt's ids (with the tokenizer's special tokens) and the answer's (without, and
+    without EOS): all the tokenizer work of an example, and what data/token_cache.py keeps."""
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, prompt), answer_ids
+
+
+def fit_example(
+    prompt_ids: list[int],
+    answer_ids: list[int],
     *,
+    eos_token_id: int | None,
     max_len: int,
     overlong: Literal["truncate", "drop"],
     stats: LengthStats,
@@ -46,10 +53,8 @@ def encode_example(
     Truncation cuts the answer's end. An example whose prompt alone fills max_len keeps no
     target token and is dropped under either policy (and counted).
     """
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    if eos_token_id is not None:
+        answer_ids = answer_ids + [eos_token_id]
     ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     if len(ids) > max_len:
@@ -60,6 +65,27 @@ def encode_example(
         stats.truncated += 1
     stats.examples += 1
     return Tokenized(ids, labels)
+
+
+def encode_example(
+    tokenizer: Any,
+    prompt: str,
+    completion: str,
+    *,
+    max_len: int,
+    overlong: Literal["truncate", "drop"],
+    stats: LengthStats,
+) -> Tokenized | None:
+    """tokenize_pair, then fit_example."""
+    prompt_ids, answer_ids = tokenize_pair(tokenizer, prompt, completion)
+    return fit_example(
+        prompt_ids,
+        answer_ids,
+        eos_token_id=tokenizer.eos_token_id,
+        max_len=max_len,
+        overlong=overlong,
+        stats=stats,
+    )
 
 
 def encode_text_line(tokenizer: Any, line: str, *, new_document: bool) -> list[int]:

@@ -279,6 +279,11 @@ def fit(run: Run) -> Stop | None:
         # Also on an error: the stream is put back at the last batch taken, so the summary
         # counts what was trained on, not what the thread read ahead.
         feed.close()
+        # What the streams tokenized (that the end of a range has not written already) is
+        # kept for the next run on this data (data/token_cache.py); never fails the run.
+        for stream in (run.train_stream, run.eval_stream):
+            if stream is not None:
+                stream.save_token_cache()
 
 
 def _fit_steps(run: Run, feed: Any) -> Stop | None:
@@ -536,7 +541,8 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, final_dir: Pa
 def _summarize(run: Run, stop: Stop | None) -> dict[str, Any]:
     stream, state = run.train_stream, run.state
     counts = [*stream.lengths.as_dict().values(), float(stream.skipped)]
-    examples, truncated, dropped, skipped = sum_over_ranks(run.accelerator, counts)
+    counts.append(float(stream.token_cache_hits))
+    examples, truncated, dropped, skipped, cached = sum_over_ranks(run.accelerator, counts)
     saved_model = stop is None and run.recipe.output.save_final_model
     return {
         "steps": state.step,
@@ -548,6 +554,8 @@ def _summarize(run: Run, stop: Stop | None) -> dict[str, Any]:
         "truncated": int(truncated),
         "dropped_overlong": int(dropped),
         "skipped_invalid": int(skipped),
+        # Examples whose ids came from the token cache (read ahead by the prefetch thread too).
+        "token_cache_hits": int(cached),
         "evals": state.evals,
         "model_dir": str(run.paths.final) if saved_model else None,
     }
@@ -571,6 +579,11 @@ def _summary_text(summary: dict, paths: RunDir) -> str:
         f"{summary['truncated']} truncated, {summary['dropped_overlong']} dropped as "
         f"overlong, {summary['skipped_invalid']} skipped as invalid"
     )
+    if summary["token_cache_hits"]:
+        lines.append(
+            f"  token cache    ids of {summary['token_cache_hits']} examples read from "
+            "disk instead of tokenizing (data.token_cache)"
+        )
     if summary["model_dir"]:
         lines.append(f"  model          {summary['model_dir']}")
     lines.append(f"  metrics        {paths.metrics} (TensorBoard: {paths.root})")

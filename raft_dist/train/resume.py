@@ -53,6 +53,7 @@ MAY_CHANGE = (
     "data.eval",
     "data.record_audit",
     "data.prefetch_batches",
+    "data.token_cache",
     "output.",
     "logging.",
 )
