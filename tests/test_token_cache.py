@@ -207,19 +207,25 @@ def test_a_slow_tokenizer_is_not_cached() -> None:
 def test_the_training_loop_keeps_what_it_tokenized(
     tmp_path: Path, cache_root: Path, tiny_data: Path
 ) -> None:
-    """A run stopped by max_steps before its range ends still writes what it tokenized."""
+    """A run stopped by max_steps before its range ends still writes what it tokenized; the
+    next run reads it, and its summary says so."""
     from raft_dist.config import load_recipe
     from raft_dist.train.loop import train
 
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        tiny_data,
-        tmp_path / "run",
-        training={"max_steps": 1, "micro_batch_size": 1},
-        data={"prefetch_batches": 0},
-    )
-    train(load_recipe(recipe, []))
+    summaries = []
+    for name in ("first", "second"):
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml",
+            tiny_data,
+            tmp_path / name,
+            training={"max_steps": 1, "micro_batch_size": 1},
+            data={"prefetch_batches": 0},
+        )
+        summaries.append(train(load_recipe(recipe, [])))
     (fingerprint,) = [p for p in cache_root.iterdir() if p.is_dir()]
     shard = tiny_data / "train" / "shard-00000.jsonl"  # the first 2 of its 6 records trained
     files = cache_files(fingerprint / _file_folder(shard))
     assert sum(len(np.load(f)["keys"]) for f in files) >= 2
+    assert summaries[0]["token_cache_hits"] == 0
+    assert summaries[1]["token_cache_hits"] == 2  # the training stream's (the summary's count)
+    assert len(files) == 1  # the second run had nothing new to write
