@@ -45,7 +45,7 @@ demo: install
 	$(BIN)/raft-dist pipeline $(DEMO_PIPELINE)
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 bench: install
 	$(BIN)/python bench/run.py
