@@ -12,6 +12,7 @@ import click
 
 from raft_dist import __version__
 from raft_dist.cli_ask import ask
+from raft_dist.cli_cache import cache
 from raft_dist.cli_eval import eval_command
 from raft_dist.cli_generate import convert, generate, validate
 from raft_dist.cli_pipeline import pipeline
@@ -204,6 +205,7 @@ cli.add_command(convert)
 cli.add_command(eval_command)
 cli.add_command(ask)
 cli.add_command(pipeline)
+cli.add_command(cache)
 
 
 def main(argv: list[str] | None = None) -> int:

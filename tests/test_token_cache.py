@@ -229,3 +229,23 @@ def test_the_training_loop_keeps_what_it_tokenized(
     assert summaries[0]["token_cache_hits"] == 0
     assert summaries[1]["token_cache_hits"] == 2  # the training stream's (the summary's count)
     assert len(files) == 1  # the second run had nothing new to write
+
+
+def test_the_cache_command_shows_and_clears_only_the_cache(
+    tmp_path: Path, tokenizer, cache_root: Path
+) -> None:
+    from helpers import offline_env, run_cli
+
+    write_dataset(tmp_path / "data", [3], seed=9)
+    one_epoch(tmp_path / "data", tokenizer, token_cache=True)
+    keep = cache_root / "mine" / "notes.txt"  # a root set to a folder that holds other things
+    keep.parent.mkdir()
+    keep.write_text("mine")
+    env = offline_env(**{ROOT_VARIABLE: str(cache_root)})
+    shown = run_cli("cache", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert f"tokenizer {tokenizer_fingerprint(tokenizer)}  1 files" in shown.stdout
+    cleared = run_cli("cache", "--clear", env=env)
+    assert cleared.returncode == 0 and "cleared" in cleared.stdout
+    assert not cache_files(cache_root) and keep.read_text() == "mine"
+    assert "empty" in run_cli("cache", env=env).stdout

@@ -227,3 +227,34 @@ class TokenCache:
                     temporary.unlink(missing_ok=True)
                 self.enabled = False
                 return
+
+
+def _tokenizer_folders(root: Path) -> list[Path]:
+    """The folders this module made under `root` (named by a fingerprint), nothing else."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and len(p.name) == 32 and all(c in "0123456789abcdef" for c in p.name)
+    )
+
+
+def cache_usage(root: Path) -> list[tuple[str, int, int]]:
+    """(tokenizer fingerprint, entry files, bytes) per tokenizer folder under `root`."""
+    usage = []
+    for folder in _tokenizer_folders(root):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        usage.append((folder.name, len(files), sum(f.stat().st_size for f in files)))
+    return usage
+
+
+def clear_cache(root: Path) -> int:
+    """Delete the tokenizer folders under `root` (and only those: a root set by mistake to a
+    folder that holds other things keeps them); returns the bytes freed."""
+    import shutil
+
+    freed = sum(size for _, _, size in cache_usage(root))
+    for folder in _tokenizer_folders(root):
+        shutil.rmtree(folder)
+    return freed
