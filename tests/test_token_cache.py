@@ -249,3 +249,20 @@ def test_the_cache_command_shows_and_clears_only_the_cache(
     assert cleared.returncode == 0 and "cleared" in cleared.stdout
     assert not cache_files(cache_root) and keep.read_text() == "mine"
     assert "empty" in run_cli("cache", env=env).stdout
+
+
+def test_a_file_whose_entries_do_not_fit_in_memory_is_not_written_again(
+    tmp_path: Path, tokenizer, cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from raft_dist.data import token_cache
+
+    write_dataset(tmp_path / "data", [6], seed=10)
+    one_epoch(tmp_path / "data", tokenizer, token_cache=True)
+    before = cache_files(cache_root)
+    (file,) = before
+    first_size = int(np.load(file)["lengths"][0])
+    monkeypatch.setattr(token_cache, "MAX_TOKENS", first_size)  # one example's ids fit
+    got, stream = one_epoch(tmp_path / "data", tokenizer, token_cache=True)
+    assert got == one_epoch(tmp_path / "data", tokenizer)[0]
+    assert stream._token_cache.hits == 1  # one entry held, the others tokenized
+    assert cache_files(cache_root) == before  # ... and not written once more

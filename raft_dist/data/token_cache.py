@@ -45,7 +45,7 @@ FORMAT = 1  # bump when what an entry holds changes
 KEY_BYTES = 16
 # New entries written out at most this many at a time (a killed run loses at most these).
 FLUSH_EVERY = 4096
-# Entries loaded into memory per stream at most, in tokens (4 bytes each).
+# Entries of one data file held in memory at most, in tokens (4 bytes each).
 MAX_TOKENS = 64 * 2**20
 
 
@@ -94,18 +94,25 @@ def _file_folder(path: Path) -> str:
 
 
 class TokenCache:
-    """tokenize_pair through the on-disk memo. One per stream: not shared between threads."""
+    """tokenize_pair through the on-disk memo. One per stream: not shared between threads.
+
+    A stream reads its data files one after the other, so only the entries of the file being
+    read are held in memory (up to MAX_TOKENS; past that, the file's entries are neither read
+    nor written, so a file too large for memory never grows its folder run after run).
+    """
 
     def __init__(self, tokenizer: Any, root: Path, fingerprint: str) -> None:
         self.tokenizer = tokenizer
         self.folder = Path(root) / fingerprint
         self.hits = 0
         self.misses = 0
-        self.tokens = 0
         self.enabled = True
         self._checked = False  # the first hit is tokenized again and compared
+        self._names: dict[Path, str] = {}  # data file -> its folder's name
+        self._current: str | None = None  # the folder whose entries are loaded
         self._entries: dict[bytes, tuple[array, int]] = {}  # key -> (prompt+answer ids, split)
-        self._loaded: set[str] = set()
+        self._tokens = 0
+        self._full = False  # the current file's entries did not all fit in memory
         self._new: dict[str, dict[bytes, tuple[array, int]]] = {}
         self._new_count = 0
 
@@ -121,10 +128,11 @@ class TokenCache:
     def tokenize(self, path: Path, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         if not self.enabled:
             return tokenize_pair(self.tokenizer, prompt, completion)
-        name = _file_folder(path)
-        if name not in self._loaded:
-            self._loaded.add(name)
-            self._load(self.folder / name)
+        name = self._names.get(path)
+        if name is None:
+            name = self._names[path] = _file_folder(path)
+        if name != self._current:
+            self._switch(name)
         key = pair_key(prompt, completion)
         found = self._entries.get(key)
         if found is not None:
@@ -146,9 +154,8 @@ class TokenCache:
             return pair
         self.misses += 1
         pair = tokenize_pair(self.tokenizer, prompt, completion)
-        entry = (array("i", pair[0] + pair[1]), len(pair[0]))
-        if self._keep(key, entry):
-            self._new.setdefault(name, {})[key] = entry
+        if not self._full:
+            self._new.setdefault(name, {})[key] = (array("i", pair[0] + pair[1]), len(pair[0]))
             self._new_count += 1
             if self._new_count >= FLUSH_EVERY:
                 self.flush()
@@ -156,12 +163,18 @@ class TokenCache:
 
     # -- disk -------------------------------------------------------------------------------
 
+    def _switch(self, name: str) -> None:
+        """Hold the entries of the data file `name` names, and no other file's."""
+        self._current, self._entries, self._tokens, self._full = name, {}, 0, False
+        self._load(self.folder / name)
+
     def _keep(self, key: bytes, entry: tuple[array, int]) -> bool:
         size = max(1, len(entry[0]))
-        if self.tokens + size > MAX_TOKENS:
+        if self._tokens + size > MAX_TOKENS:
+            self._full = True
             return False
         self._entries[key] = entry
-        self.tokens += size
+        self._tokens += size
         return True
 
     def _load(self, folder: Path) -> None:
