@@ -12,9 +12,10 @@ policy. Entries live in `<root>/<tokenizer fingerprint>/<data file>/` (root: `to
   merges, normalizer, pre-tokenizer, the post-processor that adds BOS) with its special tokens
   and the versions of transformers and tokenizers; a tokenizer without that JSON (a slow,
   Python one) is not cached;
-- an entry's key is a hash of the prompt and answer *text*, so an edited record, a record
-  moved to another line and a changed prompt format all miss instead of reading stale ids;
-- the folder per data file only limits what a run loads to the files it reads.
+- an entry's key is a hash of the prompt and answer *text*, so an edited record and a
+  changed prompt format miss instead of reading stale ids (a record moved to another line of
+  its file still hits);
+- the folder per data file limits what a stream holds to the file it is reading.
 
 A wrong cache must never train silently: the first hit of each stream is tokenized again and
 compared, and on a difference the cache is left alone for the rest of the run with a warning.
@@ -47,8 +48,6 @@ KEY_BYTES = 16
 FLUSH_EVERY = 4096
 # Entries of one data file held in memory at most, in tokens (4 bytes each).
 MAX_TOKENS = 64 * 2**20
-
-
 ROOT_VARIABLE = "RAFT_DIST_TOKEN_CACHE"
 
 
