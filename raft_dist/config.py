@@ -83,7 +83,7 @@ class DataConfig:
     # Keep the token ids of RAFT examples on disk ($RAFT_DIST_TOKEN_CACHE, by default
     # ~/.cache/raft-dist/tokens), keyed by the tokenizer's definition and each example's text,
     # so that the next run on the same data (a sweep, a resume, the eval split) does not
-    # tokenize it again. About 4 bytes per token; delete the folder to free it.
+    # tokenize it again. About 4 bytes per token; `raft-dist cache` shows it, --clear frees it.
     token_cache: bool = True
 
 
