@@ -168,7 +168,7 @@ BENCHMARKS = [
 
 
 def plot_throughput(result: dict[str, Any], path: Path) -> None:
-    """Per-pair tokens/s of the three loops: the spread shows how far to trust the medians."""
+    """Per-pair tokens/s of each loop: the spread shows how far to trust the medians."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +183,7 @@ def plot_throughput(result: dict[str, Any], path: Path) -> None:
         if load > common.QUIET_SHARE:
             ax.axvspan(pair - 0.4, pair + 0.4, color="grey", alpha=0.2, lw=0)
             ax.annotate(f"other load {load:.0%}", (pair, 0), ha="center", va="bottom", fontsize=7)
-    ax.set_xlabel("pair (runs in the order raft_dist, bare_torch, hf_trainer)")
+    ax.set_xlabel("pair (runs in the order " + ", ".join(throughput.LOOPS) + ")")
     ax.set_ylabel("non-pad input tokens / s")
     ax.set_xticks(pairs)
     ax.set_ylim(bottom=0)

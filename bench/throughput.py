@@ -1,11 +1,14 @@
 """Training throughput of the raft-dist loop against a bare PyTorch loop and the HF Trainer.
 
-All three train the same tiny model (same seed, so the same initial weights) on the same batches
-in the same order, in one process, one after the other in alternating pairs (a, b, c, a, b, c,
-...), so that drift of the machine (thermal, other load) hits every loop alike.
+All of them train the same model (same seed, so the same initial weights) on the same batches
+in the same order, in one process, one after the other in alternating pairs (a, b, c, d, a, b,
+...), so that drift of the machine (thermal, other load) hits every loop alike. The Trainer runs
+twice: with raft-dist's loss (`hf_trainer`: only the loops differ) and as it ships
+(`hf_trainer_stock`: the model's own loss from `labels`, which takes the logits of every
+position, where raft-dist's skips the prompt's; see prompt_logits_bench.py).
 
 Throughput is non-pad *input* tokens per second (the attention-mask sum of each batch), counted
-from the same batch list for all three loops. The time window is the steady state: from the end
+from the same batch list for all loops. The time window is the steady state: from the end
 of optimizer step WARMUP_STEPS to the end of the last step, wall clock, so everything a loop does
 between two steps (fetching and tokenizing data, logging, callbacks) is inside it.
 
@@ -65,11 +68,15 @@ DEFAULT_STEPS = MODELS[DEFAULT_MODEL].steps
 DEFAULT_PAIRS = MODELS[DEFAULT_MODEL].pairs
 DEFAULT_QUIET_WAIT_S = 120.0
 CACHE_MODES = ("warm", "cold")
-LOOPS = ("raft_dist", "bare_torch", "hf_trainer")
+# hf_trainer gets raft-dist's loss (token_loss_sum), so against it only the loop's own cost
+# shows; hf_trainer_stock is the Trainer as it ships, labels handed to the model, whose loss
+# takes the logits of every position: what a Trainer user runs.
+LOOPS = ("raft_dist", "bare_torch", "hf_trainer", "hf_trainer_stock")
 # Ratio name -> (numerator loop, denominator loop, target the median must reach).
 TARGETS: dict[str, tuple[str, str, float]] = {
     "raft_dist/bare_torch": ("raft_dist", "bare_torch", 0.97),
     "raft_dist/hf_trainer": ("raft_dist", "hf_trainer", 1.05),
+    "raft_dist/hf_trainer_stock": ("raft_dist", "hf_trainer_stock", 1.05),
 }
 
 
@@ -96,7 +103,7 @@ class LoopRun:
 def bench_overrides(steps: int, out_dir: Path, model: str = DEFAULT_MODEL) -> list[str]:
     """The tiny recipe reduced to pure training: no eval, no checkpoints, no trackers.
 
-    The schedule is made constant so that all three loops run the very same optimisation (the
+    The schedule is made constant so that all loops run the very same optimisation (the
     Trainer and the bare loop then need no scheduler of their own to match the losses).
     """
     return [
@@ -156,7 +163,7 @@ def materialize_batches(recipe: Any, steps: int) -> list[dict[str, Any]]:
 
 
 def input_tokens(batch: dict[str, Any]) -> int:
-    """Non-pad input tokens: the count all three loops are credited with."""
+    """Non-pad input tokens: the count all loops are credited with."""
     return int(batch["attention_mask"].sum())
 
 
@@ -302,10 +309,20 @@ def unpadded_rows(batches: list[dict[str, Any]]) -> list[tuple[list[int], list[i
 
 
 def run_hf_trainer(
-    recipe: Any, batches: list[dict[str, Any]], tokens: list[int], work_dir: Path
+    recipe: Any,
+    batches: list[dict[str, Any]],
+    tokens: list[int],
+    work_dir: Path,
+    stock: bool = False,
 ) -> LoopRun:
-    """transformers.Trainer with the same loss, optimizer, clipping and batches; logging,
-    evaluation and saving off. A callback stamps on_step_begin / on_step_end."""
+    """transformers.Trainer with the same optimizer, clipping and batches; logging, evaluation
+    and saving off. A callback stamps on_step_begin / on_step_end.
+
+    stock=False: the Trainer computes raft-dist's loss (token_loss_sum), so the two differ in
+    their loops only. stock=True: the Trainer's own compute_loss, i.e. the model's loss from
+    `labels`; the same value (the mean over the batch's target tokens), but from the logits of
+    every position, prompt included.
+    """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -340,7 +357,8 @@ def run_hf_trainer(
             self.ends.append(time.perf_counter())
 
     class TokenSumTrainer(Trainer):
-        loss_is_scaled_for_ga = True  # already divided by the batch's target tokens
+        # raft-dist's loss is already divided by the batch's target tokens; stock: as shipped
+        loss_is_scaled_for_ga = None if stock else True
 
         def compute_loss(
             self,
@@ -349,8 +367,11 @@ def run_hf_trainer(
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            loss_sum, count = token_loss_sum(model, inputs)
-            loss = loss_sum / float(count)
+            if stock:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            else:
+                loss_sum, count = token_loss_sum(model, inputs)
+                loss = loss_sum / float(count)
             losses.append(loss.detach())
             return loss
 
@@ -387,7 +408,8 @@ def run_hf_trainer(
     )
     trainer.train()
     bodies = [end - begin for begin, end in zip(clock.begins, clock.ends, strict=True)]
-    return steady_state("hf_trainer", clock.ends, bodies, tokens, [float(v) for v in losses])
+    name = "hf_trainer_stock" if stock else "hf_trainer"
+    return steady_state(name, clock.ends, bodies, tokens, [float(v) for v in losses])
 
 
 # ---- pairs and report ----------------------------------------------------------------------
@@ -411,7 +433,7 @@ def run_loop(
     elif loop == "bare_torch":
         run = run_bare_torch(recipe, batches, tokens)
     else:
-        run = run_hf_trainer(recipe, batches, tokens, work_dir)
+        run = run_hf_trainer(recipe, batches, tokens, work_dir, stock=loop == "hf_trainer_stock")
     run.foreign_cpu_share = common.other_load(before, common.cpu_reading())
     return run
 
@@ -424,7 +446,7 @@ def run_pairs(
     model: str = DEFAULT_MODEL,
     cache: str = "warm",
 ) -> dict[str, Any]:
-    """Alternate a, b, c `pairs` times on one batch list; return every run and the medians.
+    """Alternate the loops `pairs` times on one batch list; return every run and the medians.
 
     One short untimed run of each loop comes first, so that the first timed run does not pay
     for what a process does once (lazy imports, first kernel calls, allocator growth).
@@ -496,7 +518,9 @@ def pair_load(result: dict[str, LoopRun]) -> float:
 def max_loss_gap(runs: list[dict[str, LoopRun]]) -> dict[str, float]:
     """Largest per-step loss difference to the bare loop: proof the loops did the same work."""
     gaps = {}
-    for loop in ("raft_dist", "hf_trainer"):
+    for loop in LOOPS:
+        if loop == "bare_torch":
+            continue
         gaps[loop] = max(
             abs(a - b)
             for r in runs
@@ -568,12 +592,12 @@ def report_lines(summary: dict[str, Any]) -> list[str]:
     ]
     for loop in LOOPS:
         lines.append(
-            f"  {loop:<11} {summary['median_tokens_per_s'][loop]:9.0f} tok/s"
+            f"  {loop:<16} {summary['median_tokens_per_s'][loop]:9.0f} tok/s"
             f"   (step body only {summary['median_step_body_tokens_per_s'][loop]:9.0f})"
         )
     for name, verdict in summary["targets"].items():
         lines.append(
-            f"  {name:<21} median {verdict['median']:.3f}"
+            f"  {name:<26} median {verdict['median']:.3f}"
             f" (pairs {verdict['range'][0]:.2f}-{verdict['range'][1]:.2f})"
             f"  target >= {verdict['target']:.2f}  {verdict['verdict']}"
         )
