@@ -7,7 +7,6 @@ DeepSpeed profile), and tells the ranks what they must find when they start.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -17,10 +16,12 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
 
+from raft_dist.accelerate_facts import launch_options, profile_settings
 from raft_dist.contract import Contract
 from raft_dist.env import env_flag
 from raft_dist.errors import ConfigError
@@ -53,7 +54,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     for the `=`) once reached torchrun as the script to run. Such a word is refused here, as is
     an option accelerate does not have or one left without its value.
     """
-    takes_value = _accelerate_options()
+    takes_value = launch_options()
     overrides: list[str] = []
     passed: list[str] = []
     waiting: str | None = None  # an option whose value comes next
@@ -93,17 +94,6 @@ def _stray_word(arg: str) -> str:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _accelerate_options() -> dict[str, bool]:
-    """Every `accelerate launch` option -> whether it takes a value (each takes one or none).
-    Read from accelerate's own parser, so a new accelerate option is known without a change
-    here; argparse lists its options only in `_actions`."""
-    from accelerate.commands.launch import launch_command_parser
-
-    parser = launch_command_parser()
-    return {name: action.nargs != 0 for action in parser._actions for name in action.option_strings}
-
-
 def _shown(text: str) -> str:
     """User text in a one-line message: as is, or quoted with escapes."""
     return text if text.isprintable() and text.strip() else repr(text)
@@ -134,7 +124,7 @@ def plan_launch(
     profile_path = resolve_profile(profile)
     where = f"--profile {profile}"
     cfg = _load_profile(profile_path, where)
-    dtype = str(getattr(cfg.distributed_type, "value", cfg.distributed_type))
+    dtype = cfg.distributed_type
     deepspeed = dtype == "DEEPSPEED" or "--use_deepspeed" in accelerate_args
     use_cpu = bool(cfg.use_cpu) or "--cpu" in accelerate_args
     if deepspeed and (use_cpu or env_flag("ACCELERATE_USE_CPU", environ)):
@@ -213,15 +203,14 @@ def plan_launch(
     )
 
 
-def _load_profile(path: Path, where: str) -> Any:
-    """Accelerate's config object for a profile. Accelerate's loader trusts the file (an empty
-    file or a list raises AttributeError, a wrong value TypeError or ValueError), so the file is
-    parsed here first, and what the loader still refuses becomes a ConfigError as well."""
-    from accelerate.commands.config.config_args import load_config_from_file
-
+def _load_profile(path: Path, where: str) -> SimpleNamespace:
+    """The launcher's settings of a profile, as Accelerate's loader reads them. That loader
+    trusts the file (an empty file or a list raises AttributeError, a wrong value TypeError or
+    ValueError), so the file is parsed here first, and what the loader still refuses becomes a
+    ConfigError as well."""
     _read_settings(path, where, as_json=path.name.endswith(".json"))  # accelerate's own rule
     try:
-        return load_config_from_file(str(path))
+        return SimpleNamespace(**profile_settings(path))
     except (ValueError, TypeError, KeyError, AttributeError, OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{where}: not a valid accelerate config: {_one_line(exc)}") from None
 

@@ -16,17 +16,22 @@ def tiny_data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def token_cache_of_the_session(tmp_path_factory: pytest.TempPathFactory):
-    """Runs (in this process and the ones it starts) keep token ids in a folder of this test
-    session, not in the user's cache (data/token_cache.py)."""
+def caches_of_the_session(tmp_path_factory: pytest.TempPathFactory):
+    """Runs (in this process and the ones it starts) keep token ids (data/token_cache.py) and
+    Accelerate's answers (accelerate_facts.py) in folders of this test session, not in the
+    user's cache."""
     import os
 
-    from raft_dist.data.token_cache import ROOT_VARIABLE
+    from raft_dist import accelerate_facts
+    from raft_dist.data import token_cache
 
-    before = os.environ.get(ROOT_VARIABLE)
-    os.environ[ROOT_VARIABLE] = str(tmp_path_factory.mktemp("token-cache"))
+    names = (token_cache.ROOT_VARIABLE, accelerate_facts.ROOT_VARIABLE)
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if before is None:
-        os.environ.pop(ROOT_VARIABLE, None)
-    else:
-        os.environ[ROOT_VARIABLE] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
