@@ -63,7 +63,11 @@ def profile_settings(path: Path) -> dict[str, Any]:
     `distributed_type` as its plain value. Raises whatever the loader raises for a refused one."""
     content = path.read_bytes()
     folder = _folder()
-    entry = folder / f"profile-{hashlib.sha256(content).hexdigest()[:32]}.json" if folder else None
+    # Accelerate reads a file named *.json as JSON and any other as YAML: the same bytes can
+    # be one config or a refused one.
+    key = hashlib.sha256(b"json " if str(path).endswith(".json") else b"yaml ")
+    key.update(content)
+    entry = folder / f"profile-{key.hexdigest()[:32]}.json" if folder else None
     kept = _read(entry) if entry else None
     if kept is not None:
         return kept

@@ -116,3 +116,15 @@ def test_an_edited_accelerate_starts_a_new_folder(
     assert accelerate_facts._folder() == before
     (fake / accelerate_facts.SOURCES[0]).write_text("# v2, a new option\n")
     assert accelerate_facts._folder() != before
+
+
+def test_the_same_bytes_as_json_and_as_yaml_are_asked_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(accelerate_facts.ROOT_VARIABLE, str(tmp_path / "cache"))
+    text = "distributed_type: NO\nuse_cpu: true\n"  # YAML, and not JSON
+    (tmp_path / "p.yaml").write_text(text)
+    (tmp_path / "p.json").write_text(text)
+    assert accelerate_facts.profile_settings(tmp_path / "p.yaml")["use_cpu"] is True
+    with pytest.raises(ValueError):
+        accelerate_facts.profile_settings(tmp_path / "p.json")
