@@ -54,6 +54,19 @@ def cli_rows(result: dict[str, Any]) -> list[Row]:
         ),
         ("python -c pass (s)", f"{med['python_pass']:.3f}", "", ""),
         ("added by raft-dist (s)", f"{result['added_by_raft_dist_s']:.3f}", "", ""),
+        (
+            "launch --dry-run, answers kept (s)",
+            f"{med['launch_dry_run_kept']:.3f}",
+            f"< {target['launch_kept_below_s']}",
+            target["launch_verdict"],
+        ),
+        ("launch --dry-run, Accelerate asked (s)", f"{med['launch_dry_run_asked']:.3f}", "", ""),
+        (
+            "launch asked/kept",
+            "{median:.1f} ({min:.1f}-{max:.1f})".format(**result["launch_asked_over_kept"]),
+            "",
+            "",
+        ),
     ]
 
 
