@@ -37,6 +37,14 @@ def _worker(marker: str, rank: int) -> int | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_a_hung_rank_is_named_when_the_collective_times_out(tmp_path: Path) -> None:
     write_dataset(tmp_path / "data", [64])
     out = tmp_path / "run"
@@ -61,10 +69,17 @@ def test_a_hung_rank_is_named_when_the_collective_times_out(tmp_path: Path) -> N
                 stopped = _worker(str(recipe), 1)
             time.sleep(0.2)
         assert stopped is not None, "rank 1 never started training"
+        waiting = _worker(str(recipe), 0)
+        assert waiting is not None, "rank 0 is not running"
         os.kill(stopped, signal.SIGSTOP)
         started = time.monotonic()
-        output, _ = launch.communicate(timeout=180)
+        while _alive(waiting) and time.monotonic() - started < 180:
+            time.sleep(0.2)
         waited = time.monotonic() - started
+        # Rank 0 has given up: wake rank 1, so that it takes the agent's SIGTERM now instead of
+        # the agent waiting out its 30 s grace before SIGKILL (torch's teardown, not ours).
+        os.kill(stopped, signal.SIGCONT)
+        output, _ = launch.communicate(timeout=180)
     finally:
         if stopped is not None:
             try:
