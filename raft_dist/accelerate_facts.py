@@ -7,9 +7,8 @@ only on the installed Accelerate (its option table; its loader's verdict on a pr
 so they are kept under the user cache ($RAFT_DIST_ACCELERATE_CACHE, else
 $RAFT_DIST_CACHE/accelerate, else ~/.cache/raft-dist/accelerate), in a folder named after
 Accelerate's version and the files that give the answers (an upgrade or an edited install starts
-a new folder). Only
-accepted profiles are kept: a refused one asks Accelerate again, so its error stays Accelerate's
-own. A cache that cannot be read or written is skipped, never an error.
+a new folder). Only accepted profiles are kept: a refused one asks Accelerate again, so its error
+stays Accelerate's own. A cache that cannot be read or written is skipped, never an error.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from raft_dist.atomic import write_atomic
 from raft_dist.bundled import cache_root
 
 FORMAT = 1  # bump when what an entry holds changes
@@ -122,15 +122,13 @@ def _write(path: Path, value: Any) -> None:
         return  # e.g. a date in deepspeed_config: correct, just not kept
     if json.loads(entry)["value"] != value:
         return  # JSON would change it (a number as a mapping key): not kept
-    # A per-process temporary name: two launches may write the same entry at once; the rename
-    # makes either whole version the entry.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    # Two launches may write the same entry at once, with the same bytes; should one still
+    # swap in a torn file, its digest fails and the next launch asks again.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(entry, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, entry.encode("utf-8"))
     except OSError:
-        tmp.unlink(missing_ok=True)
+        return
 
 
 def _digest(value: Any) -> str:

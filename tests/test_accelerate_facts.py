@@ -3,6 +3,7 @@ import Accelerate or torch, and what it reads is what Accelerate itself answers.
 
 from __future__ import annotations
 
+import datetime
 import importlib.machinery
 import json
 import subprocess
@@ -128,3 +129,18 @@ def test_the_same_bytes_as_json_and_as_yaml_are_asked_apart(
     assert accelerate_facts.profile_settings(tmp_path / "p.yaml")["use_cpu"] is True
     with pytest.raises(ValueError):
         accelerate_facts.profile_settings(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("1: zero", {1: "zero"}), ("when: 2020-01-02", {"when": datetime.date(2020, 1, 2)})],
+)
+def test_settings_json_would_change_are_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, value: dict
+) -> None:
+    monkeypatch.setenv(accelerate_facts.ROOT_VARIABLE, str(tmp_path / "cache"))
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  {setting}\n")
+    for _ in range(2):
+        assert accelerate_facts.profile_settings(profile)["deepspeed_config"] == value
+    assert not list((tmp_path / "cache").rglob("profile-*.json"))
