@@ -44,6 +44,26 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {arch: save_tiny_base(root / arch, arch) for arch in ("llama", "gpt2")}
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, bases: dict) -> Any:
+    """`trained(arch, quantized)`: (run folder, CLI result) of one 4-step single-process run
+    of lora_recipe, made once for the module: the training, merge and resume tests check the
+    same runs."""
+    runs: dict[tuple[str, bool], tuple[Path, Any]] = {}
+
+    def run(arch: str, quantized: bool) -> tuple[Path, Any]:
+        if (arch, quantized) not in runs:
+            root = tmp_path_factory.mktemp(f"{arch}-{'qlora' if quantized else 'lora'}")
+            result = run_cli(
+                "train", "--config", str(lora_recipe(root, bases[arch], "run", quantized))
+            )
+            assert result.returncode == 0, result.stderr[-4000:]
+            runs[arch, quantized] = root / "run", result
+        return runs[arch, quantized]
+
+    return run
+
+
 def lora_recipe(tmp_path: Path, base: Path, name: str, quantized: bool, **training) -> Path:
     if not (tmp_path / "data").exists():
         write_dataset(tmp_path / "data", [6, 6], eval_sizes=(4,), seed=2)
@@ -67,36 +87,31 @@ def lora_recipe(tmp_path: Path, base: Path, name: str, quantized: bool, **traini
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_adapters_train_and_nothing_else_does(
-    tmp_path: Path, bases: dict, arch: str, quantized: bool
-) -> None:
-    recipe = lora_recipe(tmp_path, bases[arch], "run", quantized)
-    result = run_cli("train", "--config", str(recipe))
-    assert result.returncode == 0, result.stderr[-4000:]
-    metrics = read_metrics(tmp_path / "run")
+def test_adapters_train_and_nothing_else_does(trained: Any, arch: str, quantized: bool) -> None:
+    run_dir, result = trained(arch, quantized)
+    metrics = read_metrics(run_dir)
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert losses[-1] < losses[0]
     # Step 3 follows the evaluation at step 2: gradients must not have collapsed to zero.
     assert all(m["grad_norm"] > 0 for m in metrics if "loss" in m)
-    adapter = load_file(tmp_path / "run/final/adapter_model.safetensors")
+    adapter = load_file(run_dir / "final/adapter_model.safetensors")
     assert adapter and all("lora_" in key for key in adapter)
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)  # B starts at 0
     assert "trainable" in result.stdout and "MiB in memory" in result.stdout
     # checkpoints hold the adapter, not the whole model
-    checkpoint = tmp_path / "run/checkpoints/step-00000004"
+    checkpoint = run_dir / "checkpoints/step-00000004"
     assert (checkpoint / "adapter/adapter_model.safetensors").is_file()
     assert not list(checkpoint.glob("model*.safetensors"))
 
 
-def test_lora_resume_is_exact(tmp_path: Path, bases: dict) -> None:
-    whole = lora_recipe(tmp_path, bases["llama"], "whole", False)
+def test_lora_resume_is_exact(tmp_path: Path, bases: dict, trained: Any) -> None:
+    whole, _ = trained("llama", False)  # the same recipe and data, uninterrupted
     parts = lora_recipe(tmp_path, bases["llama"], "parts", False)
-    assert run_cli("train", "--config", str(whole)).returncode == 0
     assert run_cli("train", "--config", str(parts), "training.stop_after_steps=2").returncode == 0
     resumed = run_cli("train", "--config", str(parts), "training.resume=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole")
-    left = load_file(tmp_path / "whole/final/adapter_model.safetensors")
+    assert train_losses(tmp_path / "parts") == train_losses(whole)
+    left = load_file(whole / "final/adapter_model.safetensors")
     right = load_file(tmp_path / "parts/final/adapter_model.safetensors")
     assert left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
 
@@ -115,11 +130,9 @@ def logits(model_dir: Path, adapter: Path | None = None) -> torch.Tensor:
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_merge_equals_adapter_on_full_precision_base(
-    tmp_path: Path, bases: dict, quantized: bool
+    tmp_path: Path, bases: dict, trained: Any, quantized: bool
 ) -> None:
-    recipe = lora_recipe(tmp_path, bases["llama"], "run", quantized)
-    assert run_cli("train", "--config", str(recipe)).returncode == 0
-    adapter = tmp_path / "run/final"
+    adapter = trained("llama", quantized)[0] / "final"
     result = run_cli(
         "merge",
         "--base",

@@ -16,7 +16,8 @@ from typing import Any
 from raft_dist.config import Recipe
 from raft_dist.cpu import on_cpu
 from raft_dist.errors import ConfigError
-from raft_dist.train.deepspeed import announce_op_compilation, deepspeed_plugin, using_deepspeed
+from raft_dist.train.deepspeed import deepspeed_plugin, using_deepspeed
+from raft_dist.train.ops import prepare_op_builds
 
 
 def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
@@ -29,9 +30,7 @@ def make_accelerator(recipe: Recipe, project_dir: str) -> Any:
         clip = recipe.training.max_grad_norm
         os.environ["ACCELERATE_GRADIENT_CLIPPING"] = str(clip) if clip > 0 else "0.0"
         if on_cpu():
-            announce_op_compilation(
-                recipe, ["deepspeed_shm_comm"], os.environ.get("RANK", "0") == "0"
-            )
+            prepare_op_builds(recipe, ["deepspeed_shm_comm"], os.environ.get("RANK", "0") == "0")
 
     # The recipe's timeout bounds how long a collective waits for a rank that hangs (torch's
     # default is 10-30 minutes); teardown then names the ranks that did not answer.

@@ -1,4 +1,4 @@
-"""DeepSpeed settings the loop needs: the plugin, its batch size, op compilation, model init.
+"""DeepSpeed settings the loop needs: the plugin, its batch size, model init (compiled ops: ops.py).
 
 Model init under ZeRO-3 has two modes, chosen by the profile's `zero3_init_flag`:
 
@@ -15,11 +15,9 @@ Model init under ZeRO-3 has two modes, chosen by the profile's `zero3_init_flag`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raft_dist.config import Recipe
@@ -47,26 +45,6 @@ def offloads_optimizer(accelerator: Any) -> bool:
         return False
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     return (zero.get("offload_optimizer") or {}).get("device", "none") != "none"
-
-
-def ops_cache_dir(recipe: Recipe) -> Path:
-    if recipe.training.ops_cache_dir:
-        os.environ["TORCH_EXTENSIONS_DIR"] = recipe.training.ops_cache_dir
-    default = Path.home() / ".cache" / "torch_extensions"
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", default))
-
-
-def announce_op_compilation(recipe: Recipe, ops: list[str], is_main: bool) -> None:
-    """DeepSpeed compiles CPU ops silently on first use (~1 min each on 2 cores): say so."""
-    cache = ops_cache_dir(recipe)
-    missing = [op for op in ops if not any(cache.glob(f"*/{op}/*.so"))]
-    if missing and is_main:
-        print(
-            f"DeepSpeed compiles {', '.join(missing)} on first use (about a minute each on 2 "
-            f"cores); later runs reuse the cache in {cache} (training.ops_cache_dir or "
-            "TORCH_EXTENSIONS_DIR).",
-            flush=True,
-        )
 
 
 def fill_deepspeed_batch(accelerator: Any, recipe: Recipe) -> None:

@@ -9,14 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 from raft_dist.config import Recipe
-from raft_dist.train.deepspeed import announce_op_compilation, offloads_optimizer
+from raft_dist.train.deepspeed import offloads_optimizer
+from raft_dist.train.ops import prepare_op_builds
 
 
 def build_optimizer(accelerator: Any, model: Any, recipe: Recipe) -> Any:
     t = recipe.training
     params = [p for p in model.parameters() if p.requires_grad]
     if offloads_optimizer(accelerator):
-        announce_op_compilation(recipe, ["cpu_adam"], accelerator.is_main_process)
+        prepare_op_builds(recipe, ["cpu_adam"], accelerator.is_main_process)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay, adamw_mode=True)
