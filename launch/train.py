@@ -9,9 +9,9 @@ checkout and from an installed package.
 
 import sys
 
-from raft_dist.cli import main
+from raft_dist.cli import run
 from raft_dist.distributed import die_with_parent
 
 if __name__ == "__main__":
     die_with_parent()  # a rank never outlives its launcher (killed launch: no orphan ranks)
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

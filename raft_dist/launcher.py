@@ -191,7 +191,7 @@ def plan_launch(
     command = [
         sys.executable,
         "-m",
-        "accelerate.commands.launch",
+        "raft_dist.accelerate_agent",
         "--config_file",
         str(profile_path),
         *ds_args,

@@ -35,6 +35,31 @@ def test_help_imports_no_heavy_library() -> None:
     assert "section.key=value" in result.stdout
 
 
+def test_the_entry_point_flushes_and_skips_interpreter_teardown() -> None:
+    """run() ends the process once the command is done: its output arrives whole through a
+    pipe, its exit code is the command's, and nothing registered for interpreter exit runs
+    (that teardown costs 1-2.5 s once torch is imported)."""
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('TEARDOWN', flush=True))\n"
+        "from raft_dist.cli import run\n"
+        "run(sys.argv[1:])\n"
+    )
+    for argv, code in ((["--help"], 0), (["recipe", "--config", "missing.yaml"], 2)):
+        result = subprocess.run(
+            [sys.executable, "-c", probe, *argv],
+            capture_output=True,
+            text=True,
+            env=offline_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert result.returncode == code, result.stderr
+        assert "TEARDOWN" not in result.stdout + result.stderr
+        assert ("validate  Check a RAFT data set" in result.stdout) is (code == 0)  # all of it
+        assert ("missing.yaml" in result.stderr) is (code == 2)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

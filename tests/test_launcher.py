@@ -62,10 +62,30 @@ def test_profile_loads_and_builds_the_launch_command(profile: str) -> None:
         ds_file = Path(plan.command[plan.command.index("--deepspeed_config_file") + 1])
         assert ds_file.is_absolute() and ds_file.is_file()
     cmd = plan.command
-    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[:3] == [sys.executable, "-m", "raft_dist.accelerate_agent"]
     assert cmd[cmd.index("--config_file") + 1] == str(path)
     assert str(entry_script()) in cmd
     assert cmd[-3:] == ["--config", RECIPE, "training.max_steps=3"]
+
+
+def test_the_agent_is_accelerate_launch() -> None:
+    """The launcher's agent (raft_dist.accelerate_agent) parses exactly what `accelerate launch`
+    parses: the same options and help."""
+    import subprocess
+
+    helps = [
+        subprocess.run(
+            [sys.executable, "-m", module, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        for module in ("accelerate.commands.launch", "raft_dist.accelerate_agent")
+    ]
+    assert [h.returncode for h in helps] == [0, 0], helps[1].stderr[-2000:]
+    assert "--deepspeed_config_file" in helps[0].stdout
+    assert helps[1].stdout.split("\n", 1)[1] == helps[0].stdout.split("\n", 1)[1]
 
 
 def test_deepspeed_json_configs_match_their_builder() -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import offline_env, run_cli, write_dataset, write_recipe
+from helpers import free_port, offline_env, run_cli, write_dataset, write_recipe
 
 from raft_dist.config import load_recipe
 from raft_dist.train import ops
@@ -132,6 +132,8 @@ def test_a_deepspeed_run_is_not_held_by_a_killed_build(tmp_path: Path) -> None:
             str(recipe),
             "--num_processes",
             "1",
+            "--main_process_port",
+            str(free_port()),
             env=env,
             timeout=420,  # the op compiles here if the session has not built it yet
         )
