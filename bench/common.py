@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -184,6 +185,13 @@ def parameter_count(model: Any) -> int:
 
 
 # ---- environment ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def command_line() -> str:

@@ -29,6 +29,7 @@ import lora_bench  # noqa: E402
 import memory_bench  # noqa: E402
 import packing_bench  # noqa: E402
 import prefill_bench  # noqa: E402
+import process_exit  # noqa: E402
 import prompt_logits_bench  # noqa: E402
 import throughput  # noqa: E402
 import zero_bench  # noqa: E402
@@ -90,6 +91,13 @@ def throughput_rows(result: dict[str, Any]) -> list[Row]:
 
 BENCHMARKS = [
     Benchmark("cli_startup", lambda a: cli_startup.measure(a.runs), cli_rows),
+    Benchmark(
+        # Whole tiny runs (one process, and a 2-process launch) ended by os._exit against the
+        # same runs ended by the interpreter's teardown.
+        "process_exit",
+        lambda a: process_exit.measure(a.exit_pairs),
+        process_exit.report_rows,
+    ),
     Benchmark(
         "throughput",
         lambda a: throughput.run_pairs(a.pairs, a.steps, a.quiet_wait, log=common.progress),
@@ -222,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smollm2-pairs", type=int, default=throughput.MODELS["smollm2"].pairs, metavar="N"
     )
     parser.add_argument("--runs", type=int, default=cli_startup.DEFAULT_RUNS)
+    parser.add_argument("--exit-pairs", type=int, default=process_exit.DEFAULT_PAIRS, metavar="N")
     parser.add_argument(
         "--quiet-wait",
         type=float,

@@ -51,7 +51,9 @@ def test_first_build_is_announced_only_when_the_op_is_missing(
     if built:
         built_op(cache / OP)
     recipe = load_recipe(ROOT / "configs" / "tiny.yaml", [f"training.ops_cache_dir={cache}"])
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    # set first, so that the value prepare_op_builds writes is undone after the test
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     ops.prepare_op_builds(recipe, [OP], is_main=True)
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(cache)  # the recipe's cache is torch's
     said = capsys.readouterr().out
