@@ -229,7 +229,11 @@ def run(argv: list[str] | None = None) -> NoReturn:
     and the process group are closed by the loop, and an unexpected exception still ends with
     its traceback and the usual exit. Only the standard streams need flushing.
     """
-    code = main(argv)
+    exit_now(main(argv))
+
+
+def exit_now(code: int) -> NoReturn:
+    """Flush the standard streams and end the process, skipping interpreter finalization."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

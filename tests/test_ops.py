@@ -12,6 +12,7 @@ import pytest
 from helpers import free_port, offline_env, run_cli, write_dataset, write_recipe
 
 from raft_dist.config import load_recipe
+from raft_dist.errors import ConfigError
 from raft_dist.train import ops
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,15 @@ def test_a_stale_lock_is_removed_with_a_warning(
     assert (folder / f"{OP}.so").exists()
     warning = capsys.readouterr().err
     assert f"{folder / 'lock'}: removed a lock that nothing has touched for 11 min" in warning
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan"])
+def test_a_bad_stale_limit_names_the_variable(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv(ops.STALE_VARIABLE, value)
+    with pytest.raises(ConfigError, match=rf"{ops.STALE_VARIABLE}='{value}': expected a number"):
+        ops.stale_limit()
+    monkeypatch.setenv(ops.STALE_VARIABLE, "2.5")
+    assert ops.stale_limit() == 2.5
 
 
 def test_a_live_build_is_waited_for_not_broken(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from raft_dist.config import Recipe
+from raft_dist.errors import ConfigError
 
 # A live build writes into its folder at every compile step (~1 min on 2 cores, a few under
 # heavy load); a lock left this long without a change belongs to a build that is gone.
@@ -66,9 +67,23 @@ def prepare_op_builds(recipe: Recipe, ops: list[str], is_main: bool) -> None:
             "TORCH_EXTENSIONS_DIR).",
             flush=True,
         )
-    stale_after_s = float(os.environ.get(STALE_VARIABLE) or STALE_AFTER_S)
+    stale_after_s = stale_limit()
     for folder in folders.values():
         wait_for_live_build(folder, is_main, stale_after_s)
+
+
+def stale_limit() -> float:
+    """STALE_AFTER_S, or the seconds RAFT_DIST_OPS_LOCK_STALE_S gives."""
+    given = os.environ.get(STALE_VARIABLE)
+    if not given:
+        return STALE_AFTER_S
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:  # also NaN
+        raise ConfigError(f"{STALE_VARIABLE}={given!r}: expected a number of seconds above 0")
+    return seconds
 
 
 def wait_for_live_build(
@@ -80,7 +95,10 @@ def wait_for_live_build(
     while lock.exists():
         quiet_s = time.time() - last_change(folder)
         if quiet_s >= stale_after_s:
-            lock.unlink(missing_ok=True)  # several ranks may get here: the first one removes it
+            try:
+                lock.unlink()
+            except FileNotFoundError:  # another rank removed it first, and said so
+                return
             print(
                 f"warning: {lock}: removed a lock that nothing has touched for "
                 f"{duration(quiet_s)}, left by a build that was killed; the op is built again",
