@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -178,8 +179,8 @@ def test_time_limit_and_preemption_requeue_and_end_equal_to_the_reference(
     cluster: dict, data: Path, tmp_path: Path
 ) -> None:
     """One job, two interruptions: the time-limit warning (USR1 to the batch shell), then a
-    preemption the way Slurm sends it (SIGTERM to every process of the step), twice 0.2 s apart.
-    Each stop saves at the next step (the periodic checkpoint is older), the job requeues and
+    preemption the way Slurm sends it (SIGTERM to every process of the step), twice 0.2 s apart,
+    both while the step is stopping (the second must not turn into a hard stop). Each stop saves at the next step (the periodic checkpoint is older), the job requeues and
     resumes, and the run ends at exactly max_steps, equal to an uninterrupted reference."""
     steps = 160
     training = {"max_steps": steps, "save_every": 1000, "keep_last": 1, "micro_batch_size": 1}
@@ -194,9 +195,24 @@ def test_time_limit_and_preemption_requeue_and_end_equal_to_the_reference(
     wait_for(lambda: job(cluster, job_id).get("Restarts") == "1", 120, "the first requeue")
     first_stop = wait_for(lambda: _stopped_at(run_dir), 60, "the first stop's checkpoint")
     wait_for(lambda: steps_done(run_dir) >= first_stop + 10, 180, "progress after resume")
-    for _ in range(2):
+    # Both SIGTERMs must reach this incarnation while it is still stopping: the ranks of a tiny
+    # model can stop, save and exit within 0.2 s, and a signal Slurm cannot deliver to a step
+    # that is gone lands on the next incarnation. So the ranks are held (SIGSTOP) until the
+    # first signal is pending in both; everything else of the step (raft-dist launch, the
+    # agent) gets both signals while the ranks still run.
+    ranks = _rank_pids(recipe)
+    assert len(ranks) == 2, ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
         subprocess.run(["scancel", "--signal=TERM", job_id], env=cluster, check=True)
+        wait_for(lambda: all(_term_pending(pid) for pid in ranks), 60, "SIGTERM at both ranks")
         time.sleep(0.2)
+        subprocess.run(["scancel", "--signal=TERM", job_id], env=cluster, check=True)
+        time.sleep(1)
+    finally:
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
     fields = wait_done(cluster, job_id, timeout=300)
     log = log_of(tmp_path, job_id)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
@@ -209,6 +225,27 @@ def test_time_limit_and_preemption_requeue_and_end_equal_to_the_reference(
     assert train_losses(run_dir) == train_losses(tmp_path / "ref")
     assert sorted(seen_ids(run_dir)) == sorted(seen_ids(tmp_path / "ref"))
     same_weights(run_dir / "final", tmp_path / "ref/final")
+
+
+def _rank_pids(recipe: Path) -> list[int]:
+    """The rank processes training `recipe` (the agent's command line names the script too)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if str(recipe) in argv and any(a.endswith("launch/train.py") for a in argv):
+            if "raft_dist.accelerate_agent" not in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _term_pending(pid: int) -> bool:
+    """SIGTERM is waiting in `pid`'s signal queue (a held process cannot take it yet)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = int(re.search(r"^ShdPnd:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    return bool(pending & (1 << (signal.SIGTERM - 1)))
 
 
 def _stopped_at(run_dir: Path) -> int | None:
