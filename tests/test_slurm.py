@@ -180,8 +180,9 @@ def test_time_limit_and_preemption_requeue_and_end_equal_to_the_reference(
 ) -> None:
     """One job, two interruptions: the time-limit warning (USR1 to the batch shell), then a
     preemption the way Slurm sends it (SIGTERM to every process of the step), twice 0.2 s apart,
-    both while the step is stopping (the second must not turn into a hard stop). Each stop saves at the next step (the periodic checkpoint is older), the job requeues and
-    resumes, and the run ends at exactly max_steps, equal to an uninterrupted reference."""
+    both while the step is stopping (the second must not turn into a hard stop). Each stop saves
+    at the next step (the periodic checkpoint is older), the job requeues and resumes, and the
+    run ends at exactly max_steps, equal to an uninterrupted reference."""
     steps = 160
     training = {"max_steps": steps, "save_every": 1000, "keep_last": 1, "micro_batch_size": 1}
     reference = write_recipe(tmp_path / "ref.yaml", data, tmp_path / "ref", training=training)
