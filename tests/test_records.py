@@ -254,6 +254,7 @@ def test_utf8_bom_is_tolerated(tmp_path: Path) -> None:
         (json.dumps(native(cot_answer="Paris")), 'field "cot_answer" has no "<ANSWER>:"'),
         (json.dumps(native(cot_answer="")), 'field "cot_answer" must not be empty'),
         (json.dumps(paper(context={"sentences": []})), 'field "context.sentences" must not be'),
+        (json.dumps(paper(context="a")), 'must be an object {"title": [...], "sentences": [...]}'),
         (json.dumps({"instruction": "x", "output": 3}), 'field "output" must be a string, got int'),
         (json.dumps({"prompt": "x"}), 'missing required field "completion"'),
         ('{"messages": "q"}', 'field "messages" must be a non-empty list, got string'),

@@ -233,7 +233,10 @@ def _string_list(fields: _Fields, name: str, value: object) -> list[str]:
 def _paper_documents(fields: _Fields) -> tuple[Document, ...]:
     context = fields.require("context")
     if not isinstance(context, dict):
-        raise fields.error(f'field "context" must be an object, got {_type_name(context)}')
+        raise fields.error(
+            'field "context" must be an object {"title": [...], "sentences": [...]} '
+            f"(raft_paper format), got {_type_name(context)}"
+        )
     if "sentences" not in context:
         raise fields.error('missing required field "context.sentences" (raft_paper format)')
     texts = _string_list(fields, "context.sentences", context["sentences"])
