@@ -12,7 +12,7 @@ teardown).
 
 from accelerate.commands.launch import main
 
-from raft_dist.cli import exit_now
+from raft_dist.process import exit_now
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,6 +16,7 @@ from raft_dist.cli_eval import eval_command
 from raft_dist.cli_generate import convert, generate, validate
 from raft_dist.cli_pipeline import pipeline
 from raft_dist.errors import RaftDistError
+from raft_dist.process import exit_now
 
 RECIPE_HELP = "Training recipe (YAML), e.g. configs/tiny.yaml."
 OVERRIDES_HELP = "Recipe overrides as section.key=value, e.g. training.max_steps=100."
@@ -230,16 +229,6 @@ def run(argv: list[str] | None = None) -> NoReturn:
     its traceback and the usual exit. Only the standard streams need flushing.
     """
     exit_now(main(argv))
-
-
-def exit_now(code: int) -> NoReturn:
-    """Flush the standard streams and end the process, skipping interpreter finalization."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a reader that went away (`raft-dist ask ... | head`)
-            pass
-    os._exit(code)
 
 
 if __name__ == "__main__":
